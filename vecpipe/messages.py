@@ -1,0 +1,376 @@
+"""The wire contracts of schemas/, as Python values: documents, chunks, embeddings and deletes.
+
+Every message carries its schema name and version in the headers ``vecpipe.schema`` and
+``vecpipe.schema.version``. Chunk and delete values are UTF-8 JSON; an embedding value is a
+length-prefixed JSON metadata block followed by the raw little-endian vector (see
+``schemas/embedding.v1.json``). Decoding validates against the same JSON Schema files that
+upstream teams read, and raises :class:`InvalidMessage` with a one-sentence reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+
+__all__ = [
+    "CHUNK",
+    "DELETE",
+    "DOCUMENT",
+    "EMBEDDING",
+    "SCHEMA_HEADER",
+    "VERSION_HEADER",
+    "Chunk",
+    "Delete",
+    "Document",
+    "Embedding",
+    "Headers",
+    "InvalidMessage",
+    "content_hash",
+    "decode",
+    "document_key",
+    "encode_chunk",
+    "encode_delete",
+    "encode_embedding",
+    "header_value",
+    "load_schema",
+    "normalize_text",
+    "schema_headers",
+]
+
+SCHEMA_HEADER = "vecpipe.schema"
+VERSION_HEADER = "vecpipe.schema.version"
+DOCUMENT = "vecpipe.document"
+CHUNK = "vecpipe.chunk"
+EMBEDDING = "vecpipe.embedding"
+DELETE = "vecpipe.delete"
+# Schema name -> the versions this build understands, and its file in schemas/.
+SUPPORTED: dict[str, dict[int, str]] = {
+    DOCUMENT: {1: "document.v1.json"},
+    CHUNK: {1: "chunk.v1.json"},
+    EMBEDDING: {1: "embedding.v1.json"},
+    DELETE: {1: "delete.v1.json"},
+}
+_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+_LEN = struct.Struct(">I")
+
+Headers = list[tuple[str, bytes]]
+
+
+class InvalidMessage(ValueError):
+    """A message does not follow its contract; never retried, always dead-lettered."""
+
+
+@cache
+def load_schema(filename: str) -> dict[str, Any]:
+    """Load one JSON Schema file shipped in the ``schemas/`` folder."""
+    text = resources.files("vecpipe.schemas").joinpath(filename).read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@cache
+def _validator(name: str, version: int) -> Draft202012Validator:
+    return Draft202012Validator(load_schema(SUPPORTED[name][version]))
+
+
+def normalize_text(text: str) -> str:
+    """Canonical form for hashing: Unicode NFC, whitespace runs folded to one space, trimmed."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def content_hash(text: str) -> str:
+    """sha256 (hex) of the normalized text: equal hashes mean the model sees the same input."""
+    return hashlib.sha256(normalize_text(text).encode("utf-8")).hexdigest()
+
+
+def document_key(tenant_id: str, doc_id: str) -> bytes:
+    """The Kafka key of a document: its chunks and its deletes share a partition, in order."""
+    return f"{tenant_id}/{doc_id}".encode()
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document published by an upstream system; ``version`` grows with every change."""
+
+    tenant_id: str
+    doc_id: str
+    content: str
+    version: int
+    source_uri: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def version_from(updated_at: datetime) -> int:
+        """A monotonic version from an updated-at timestamp: microseconds since the epoch."""
+        if updated_at.tzinfo is None:
+            updated_at = updated_at.replace(tzinfo=UTC)
+        return int(updated_at.timestamp() * 1_000_000)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], default_tenant: str = "default") -> Document:
+        """Build a document from its JSON form (schemas/document.v1.json), validating it."""
+        data = dict(data)
+        data.setdefault("tenant_id", default_tenant)
+        _check(DOCUMENT, 1, data)
+        version = data.get("version")
+        if version is None:
+            updated = data.get("updated_at")
+            if updated is None:
+                raise InvalidMessage(
+                    f"document {data['doc_id']!r} has neither version nor updated_at; "
+                    "give one so that newer versions can win."
+                )
+            version = cls.version_from(datetime.fromisoformat(updated))
+        return cls(
+            tenant_id=data["tenant_id"],
+            doc_id=data["doc_id"],
+            content=data["content"],
+            version=int(version),
+            source_uri=data.get("source_uri", ""),
+            metadata=data.get("metadata", {}),
+        )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a document, small enough for the model, as it travels on the chunks topic."""
+
+    tenant_id: str
+    doc_id: str
+    version: int
+    chunk_index: int
+    chunk_count: int
+    text: str
+    content_hash: str
+    char_start: int
+    char_end: int
+    source_uri: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> bytes:
+        """Kafka key of the chunk's document."""
+        return document_key(self.tenant_id, self.doc_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of schemas/chunk.v1.json."""
+        return {
+            "tenant_id": self.tenant_id,
+            "doc_id": self.doc_id,
+            "version": self.version,
+            "chunk_index": self.chunk_index,
+            "chunk_count": self.chunk_count,
+            "text": self.text,
+            "content_hash": self.content_hash,
+            "char_start": self.char_start,
+            "char_end": self.char_end,
+            "source_uri": self.source_uri,
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Chunk:
+        """Build a chunk from its validated JSON form."""
+        return cls(
+            tenant_id=data["tenant_id"],
+            doc_id=data["doc_id"],
+            version=int(data["version"]),
+            chunk_index=int(data["chunk_index"]),
+            chunk_count=int(data["chunk_count"]),
+            text=data["text"],
+            content_hash=data["content_hash"],
+            char_start=int(data.get("char_start", 0)),
+            char_end=int(data.get("char_end", len(data["text"]))),
+            source_uri=data.get("source_uri", ""),
+            metadata=data.get("metadata", {}),
+        )
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Removal of one document (``doc_id`` set) or of a whole tenant (``doc_id`` None)."""
+
+    tenant_id: str
+    doc_id: str | None = None
+    version: int | None = None
+    requested_at: str = field(default_factory=_now_iso)
+    reason: str = ""
+
+    @property
+    def key(self) -> bytes:
+        """A document delete shares its document's key, so it is ordered after its chunks."""
+        return document_key(self.tenant_id, self.doc_id or "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of schemas/delete.v1.json."""
+        out: dict[str, Any] = {"tenant_id": self.tenant_id, "requested_at": self.requested_at}
+        if self.doc_id is not None:
+            out["doc_id"] = self.doc_id
+        if self.version is not None:
+            out["version"] = self.version
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """A chunk with its vector and the model that made it, as it travels on the embeddings topic."""
+
+    chunk: Chunk
+    vector: npt.NDArray[np.float32]
+    model_name: str
+    model_revision: str
+    backend: str
+    embedded_at: str = field(default_factory=_now_iso)
+
+
+def schema_headers(name: str, version: int = 1) -> Headers:
+    """The headers that name a message's schema and version."""
+    return [(SCHEMA_HEADER, name.encode()), (VERSION_HEADER, str(version).encode())]
+
+
+def header_value(headers: Sequence[tuple[str, bytes | str | None]] | None, name: str) -> str | None:
+    """The last value of header ``name`` as text, or None."""
+    found: str | None = None
+    for key, value in headers or ():
+        if key == name and value is not None:
+            found = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return found
+
+
+def _check(name: str, version: int, data: Any) -> None:
+    try:
+        _validator(name, version).validate(data)
+    except ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "the message"
+        raise InvalidMessage(f"{name} v{version} is invalid at {where}: {exc.message}.") from None
+
+
+def encode_chunk(chunk: Chunk) -> bytes:
+    """Serialize a chunk as UTF-8 JSON."""
+    return json.dumps(chunk.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def encode_delete(delete: Delete) -> bytes:
+    """Serialize a delete as UTF-8 JSON."""
+    return json.dumps(delete.to_dict(), separators=(",", ":")).encode()
+
+
+def encode_embedding(emb: Embedding, dtype: str = "float32") -> bytes:
+    """Length-prefixed JSON metadata, then the vector as little-endian float32 or float16."""
+    vec = np.asarray(emb.vector, dtype=_DTYPES[dtype])
+    meta = emb.chunk.to_dict()
+    meta.update(
+        model={"name": emb.model_name, "revision": emb.model_revision, "backend": emb.backend},
+        embedded_at=emb.embedded_at,
+        dtype=dtype,
+        dim=int(vec.shape[0]),
+    )
+    head = json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode()
+    return _LEN.pack(len(head)) + head + vec.tobytes()
+
+
+def _json(value: bytes) -> Any:
+    try:
+        return json.loads(value.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage(f"the value is not valid UTF-8 (byte {exc.start}).") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidMessage(f"the value is not valid JSON: {exc.msg} at {exc.pos}.") from None
+
+
+def _schema_of(headers: Sequence[tuple[str, bytes | str | None]] | None) -> tuple[str, int]:
+    name = header_value(headers, SCHEMA_HEADER)
+    raw_version = header_value(headers, VERSION_HEADER)
+    if name is None:
+        raise InvalidMessage(f"the message has no {SCHEMA_HEADER} header naming its schema.")
+    if name not in SUPPORTED:
+        raise InvalidMessage(f"unknown schema {name!r}; known: {', '.join(SUPPORTED)}.")
+    try:
+        version = int(raw_version or "")
+    except ValueError:
+        raise InvalidMessage(
+            f"{VERSION_HEADER} header is {raw_version!r}, not a whole number."
+        ) from None
+    if version not in SUPPORTED[name]:
+        raise InvalidMessage(
+            f"{name} version {version} is not supported by this worker "
+            f"(supported: {', '.join(map(str, SUPPORTED[name]))}); upgrade the worker or replay "
+            "the record to one that is."
+        )
+    return name, version
+
+
+def _decode_embedding(value: bytes, version: int) -> Embedding:
+    if len(value) < _LEN.size:
+        raise InvalidMessage("the embedding value is shorter than its 4-byte length prefix.")
+    (size,) = _LEN.unpack_from(value)
+    if _LEN.size + size > len(value):
+        raise InvalidMessage(
+            f"the embedding metadata length {size} runs past the end of the value."
+        )
+    meta = _json(value[_LEN.size : _LEN.size + size])
+    _check(EMBEDDING, version, meta)
+    dtype = _DTYPES[meta["dtype"]]
+    body = value[_LEN.size + size :]
+    if len(body) != meta["dim"] * dtype.itemsize:
+        raise InvalidMessage(
+            f"the vector has {len(body)} bytes but dim {meta['dim']} of {meta['dtype']} needs "
+            f"{meta['dim'] * dtype.itemsize}."
+        )
+    vec = np.frombuffer(body, dtype=dtype).astype(np.float32)
+    if not np.all(np.isfinite(vec)):
+        raise InvalidMessage("the vector contains NaN or infinite values.")
+    model = meta["model"]
+    return Embedding(
+        chunk=Chunk.from_dict(meta),
+        vector=vec,
+        model_name=model["name"],
+        model_revision=model.get("revision", ""),
+        backend=model.get("backend", ""),
+        embedded_at=meta["embedded_at"],
+    )
+
+
+def decode(
+    value: bytes | None, headers: Sequence[tuple[str, bytes | str | None]] | None
+) -> Chunk | Delete | Embedding:
+    """Decode and validate one message by the schema its headers name."""
+    if value is None:
+        raise InvalidMessage("the message has no value (a tombstone is not a vecpipe message).")
+    name, version = _schema_of(headers)
+    if name == EMBEDDING:
+        return _decode_embedding(value, version)
+    data = _json(value)
+    _check(name, version, data)
+    if name == CHUNK:
+        return Chunk.from_dict(data)
+    if name == DELETE:
+        return Delete(
+            tenant_id=data["tenant_id"],
+            doc_id=data.get("doc_id"),
+            version=data.get("version"),
+            requested_at=data.get("requested_at", ""),
+            reason=data.get("reason", ""),
+        )
+    raise InvalidMessage(
+        f"{name} messages are not read from this topic; publish documents through a producer."
+    )
