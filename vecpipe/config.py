@@ -28,6 +28,7 @@ __all__ = [
     "OpsConfig",
     "ProduceConfig",
     "RetryConfig",
+    "Unreachable",
     "VectorConfig",
     "WriteConfig",
     "default_model_path",
@@ -53,6 +54,10 @@ _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the setting and says what to do."""
+
+
+class Unreachable(RuntimeError):
+    """A service named by the configuration does not answer; the message names the setting."""
 
 
 def default_model_path() -> str:
@@ -146,6 +151,8 @@ class EmbedConfig:
     batch_tokens: int = 8192
     batch_wait_ms: int = 200
     max_in_flight: int = 2048
+    # Reuse vectors already stored for the same content and model instead of running the model.
+    reuse_vectors: bool = True
 
 
 @dataclass(frozen=True)

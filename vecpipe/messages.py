@@ -17,13 +17,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
-from importlib import resources
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
+
+from vecpipe.resources import resource_dir
 
 __all__ = [
     "CHUNK",
@@ -36,6 +37,7 @@ __all__ = [
     "Delete",
     "Document",
     "Embedding",
+    "HeaderLike",
     "Headers",
     "InvalidMessage",
     "content_hash",
@@ -44,6 +46,7 @@ __all__ = [
     "encode_chunk",
     "encode_delete",
     "encode_embedding",
+    "header_list",
     "header_value",
     "load_schema",
     "normalize_text",
@@ -63,10 +66,20 @@ SUPPORTED: dict[str, dict[int, str]] = {
     EMBEDDING: {1: "embedding.v1.json"},
     DELETE: {1: "delete.v1.json"},
 }
-_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 _LEN = struct.Struct(">I")
 
 Headers = list[tuple[str, bytes]]
+# What confluent-kafka hands out or accepts as headers.
+HeaderLike = Mapping[str, str | bytes | None] | Sequence[tuple[str, str | bytes | None]] | None
+
+
+def header_list(headers: HeaderLike) -> Headers:
+    """Headers as a list of (name, bytes) pairs, whatever form they came in."""
+    if headers is None:
+        return []
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    return [(k, v.encode() if isinstance(v, str) else (v or b"")) for k, v in pairs]
 
 
 class InvalidMessage(ValueError):
@@ -76,7 +89,7 @@ class InvalidMessage(ValueError):
 @cache
 def load_schema(filename: str) -> dict[str, Any]:
     """Load one JSON Schema file shipped in the ``schemas/`` folder."""
-    text = resources.files("vecpipe.schemas").joinpath(filename).read_text("utf-8")
+    text = resource_dir("schemas").joinpath(filename).read_text("utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
 
@@ -247,12 +260,12 @@ def schema_headers(name: str, version: int = 1) -> Headers:
     return [(SCHEMA_HEADER, name.encode()), (VERSION_HEADER, str(version).encode())]
 
 
-def header_value(headers: Sequence[tuple[str, bytes | str | None]] | None, name: str) -> str | None:
+def header_value(headers: HeaderLike, name: str) -> str | None:
     """The last value of header ``name`` as text, or None."""
     found: str | None = None
-    for key, value in headers or ():
-        if key == name and value is not None:
-            found = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    for key, value in header_list(headers):
+        if key == name:
+            found = value.decode("utf-8", "replace")
     return found
 
 
@@ -276,7 +289,7 @@ def encode_delete(delete: Delete) -> bytes:
 
 def encode_embedding(emb: Embedding, dtype: str = "float32") -> bytes:
     """Length-prefixed JSON metadata, then the vector as little-endian float32 or float16."""
-    vec = np.asarray(emb.vector, dtype=_DTYPES[dtype])
+    vec = np.asarray(emb.vector).astype(_DTYPES[dtype])
     meta = emb.chunk.to_dict()
     meta.update(
         model={"name": emb.model_name, "revision": emb.model_revision, "backend": emb.backend},
@@ -285,7 +298,7 @@ def encode_embedding(emb: Embedding, dtype: str = "float32") -> bytes:
         dim=int(vec.shape[0]),
     )
     head = json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode()
-    return _LEN.pack(len(head)) + head + vec.tobytes()
+    return bytes(_LEN.pack(len(head)) + head + vec.tobytes())
 
 
 def _json(value: bytes) -> Any:
@@ -297,7 +310,7 @@ def _json(value: bytes) -> Any:
         raise InvalidMessage(f"the value is not valid JSON: {exc.msg} at {exc.pos}.") from None
 
 
-def _schema_of(headers: Sequence[tuple[str, bytes | str | None]] | None) -> tuple[str, int]:
+def _schema_of(headers: HeaderLike) -> tuple[str, int]:
     name = header_value(headers, SCHEMA_HEADER)
     raw_version = header_value(headers, VERSION_HEADER)
     if name is None:
@@ -350,9 +363,7 @@ def _decode_embedding(value: bytes, version: int) -> Embedding:
     )
 
 
-def decode(
-    value: bytes | None, headers: Sequence[tuple[str, bytes | str | None]] | None
-) -> Chunk | Delete | Embedding:
+def decode(value: bytes | None, headers: HeaderLike) -> Chunk | Delete | Embedding:
     """Decode and validate one message by the schema its headers name."""
     if value is None:
         raise InvalidMessage("the message has no value (a tombstone is not a vecpipe message).")

@@ -1,0 +1,295 @@
+"""The ``vecpipe`` command: one subcommand per job, one configuration for all of them.
+
+Configuration comes from ``--config FILE`` (or VECPIPE_CONFIG), then ``VECPIPE_*`` variables,
+then flags. A wrong setting or an unreachable service ends the command with one sentence on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from vecpipe.config import Config, ConfigError, Unreachable, load_config
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+class CommandError(RuntimeError):
+    """A command cannot go on; the message says why in one sentence."""
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _home(args: argparse.Namespace, cfg: Config | None = None) -> Path:
+    if getattr(args, "home", None):
+        return Path(args.home)
+    return Path((cfg or load_config()).ops.home)
+
+
+def _config(args: argparse.Namespace, **sections: dict[str, Any]) -> Config:
+    overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in sections.items()}
+    for flag, (section, name) in _COMMON_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.setdefault(section, {})[name] = value
+    return load_config(overrides, config_file=args.config)
+
+
+# Flags that several commands share: argparse dest -> (section, setting).
+_COMMON_FLAGS = {
+    "bootstrap": ("kafka", "bootstrap"),
+    "database_url": ("database", "url"),
+    "schema": ("database", "schema"),
+    "tenant": ("produce", "tenant"),
+    "model": ("model", "name"),
+    "device": ("model", "device"),
+    "backend": ("model", "backend"),
+    "precision": ("model", "precision"),
+    "metrics_port": ("ops", "metrics_port"),
+    "log_format": ("ops", "log_format"),
+}
+
+
+def _add_kafka(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (VECPIPE_KAFKA_BOOTSTRAP)")
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--database-url", help="PostgreSQL URL (VECPIPE_DATABASE_URL)")
+    p.add_argument("--schema", help="database schema (VECPIPE_DB_SCHEMA)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="sentence-transformers model folder or name (VECPIPE_MODEL)")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps", "auto"])
+    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"])
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+
+
+def _add_worker(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--until-idle", type=float, metavar="SECONDS",
+                   help="exit 0 once nothing has arrived for this long")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz here")
+    p.add_argument("--log-format", choices=["auto", "json", "console"])
+    p.add_argument("--batch-size", type=int)
+
+
+# -- services ---------------------------------------------------------------------------------
+
+def cmd_services(args: argparse.Namespace) -> int:
+    from vecpipe import services
+
+    home = _home(args)
+    if args.action == "up":
+        info = services.up(home, progress=lambda line: print(line, file=sys.stderr))
+    elif args.action == "down":
+        services.down(home, purge=args.purge)
+        print(f"services stopped{' and data removed' if args.purge else ''} ({home})")
+        return 0
+    else:
+        info = services.status(home)
+    print(f"kafka     {'running' if info.kafka_running else 'stopped'}  "
+          f"VECPIPE_KAFKA_BOOTSTRAP={info.bootstrap}")
+    print(f"postgres  {'running' if info.postgres_running else 'stopped'}  "
+          f"VECPIPE_DATABASE_URL={info.database_url}")
+    if args.action == "status" and args.env:
+        print(f"export VECPIPE_KAFKA_BOOTSTRAP={info.bootstrap}")
+        print(f"export VECPIPE_DATABASE_URL={info.database_url}")
+    return 0 if info.kafka_running and info.postgres_running else 1
+
+
+# -- database -----------------------------------------------------------------------------------
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from vecpipe.migrate import migrate
+
+    cfg = _config(args)
+    applied = migrate(cfg, with_index=not args.no_index)
+    print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
+    if not args.no_index and cfg.vector.index != "none":
+        from vecpipe.migrate import index_name
+
+        print(f"vector index: {index_name(cfg)} ({cfg.vector.index}, {cfg.vector.metric})")
+    return 0
+
+
+# -- producing ----------------------------------------------------------------------------------
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from producers.cli import produce
+
+    cfg = _config(args, produce={"chunker": args.chunker, "chunk_size": args.chunk_size,
+                                 "chunk_overlap": args.chunk_overlap})
+    return produce(cfg, args.paths, include=args.include or ["*"], exclude=args.exclude or [],
+                   dry_run=args.dry_run, progress=not args.quiet)
+
+
+def cmd_demo_corpus(args: argparse.Namespace) -> int:
+    from producers.demo_corpus import write_demo_corpus
+
+    n = write_demo_corpus(Path(args.dir), limit=args.limit)
+    print(f"wrote {n} documents to {args.dir}")
+    return 0
+
+
+# -- workers ------------------------------------------------------------------------------------
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from workers.run import run_embed
+
+    cfg = _config(args, embed={"batch_size": args.batch_size})
+    return run_embed(cfg, until_idle_s=args.until_idle)
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    from workers.run import run_write
+
+    cfg = _config(args, write={"batch_size": args.batch_size})
+    return run_write(cfg, until_idle_s=args.until_idle)
+
+
+# -- search ---------------------------------------------------------------------------------------
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from vecpipe.db import make_pool
+    from vecpipe.model import Encoder
+    from vecpipe.search import Searcher
+
+    cfg = _config(args)
+    filters = json.loads(args.filter) if args.filter else None
+    if filters is not None and not isinstance(filters, dict):
+        raise CommandError("--filter must be a JSON object, e.g. '{\"lang\": \"en\"}'.")
+    encoder = Encoder(cfg.model)
+    pool = make_pool(cfg.database, name="vecpipe-search")
+    try:
+        searcher = Searcher(cfg, pool, encoder)
+        if args.explain:
+            print(searcher.explain(args.query, args.k, filters=filters, ef_search=args.ef_search))
+            return 0
+        started = time.perf_counter()
+        hits = searcher.search(args.query, args.k, filters=filters, ef_search=args.ef_search)
+        elapsed = (time.perf_counter() - started) * 1000
+    finally:
+        pool.close()
+    if args.json:
+        print(json.dumps([h.__dict__ for h in hits], ensure_ascii=False, indent=2))
+        return 0
+    print(f'top {len(hits)} for "{args.query}" (tenant {cfg.produce.tenant}, {elapsed:.0f} ms)')
+    for rank, h in enumerate(hits, 1):
+        snippet = " ".join(h.content.split())[:100]
+        print(f"{rank:>3}. {h.distance:.4f}  {h.doc_id} #{h.chunk_index}  {snippet}")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="vecpipe",
+        description="Streaming ingestion from Kafka into PostgreSQL + pgvector.",
+    )
+    parser.add_argument("--config", help="TOML configuration file (VECPIPE_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("services", help="start, stop or show the local Kafka and PostgreSQL")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--home", help="where services keep their data (VECPIPE_HOME)")
+    p.add_argument("--purge", action="store_true", help="with down: remove their data too")
+    p.add_argument("--env", action="store_true", help="with status: print export lines")
+    p.set_defaults(func=cmd_services)
+
+    p = sub.add_parser("migrate", help="apply sql/ migrations and create the vector index")
+    _add_db(p)
+    p.add_argument("--no-index", action="store_true",
+                   help="skip the vector index (bulk backfill: build it later)")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("produce", help="chunk files, directories or JSONL and publish them")
+    p.add_argument("paths", nargs="+", help="files, directories, or - for JSONL on stdin")
+    _add_kafka(p)
+    p.add_argument("--tenant", help="tenant of the documents (VECPIPE_TENANT)")
+    p.add_argument("--model", help="model whose tokenizer sizes the chunks")
+    p.add_argument("--include", action="append", help="glob of files to take (repeatable)")
+    p.add_argument("--exclude", action="append", help="glob of files to skip (repeatable)")
+    p.add_argument("--chunker", choices=["token", "recursive", "markdown"])
+    p.add_argument("--chunk-size", type=int)
+    p.add_argument("--chunk-overlap", type=int)
+    p.add_argument("--dry-run", action="store_true", help="print chunk statistics only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("demo-corpus", help="write the stdlib docstrings as documents")
+    p.add_argument("dir")
+    p.add_argument("--limit", type=int)
+    p.set_defaults(func=cmd_demo_corpus)
+
+    p = sub.add_parser("embed", help="run the embedding worker")
+    _add_kafka(p)
+    _add_db(p)
+    _add_model(p)
+    _add_worker(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("write", help="run the writer worker")
+    _add_kafka(p)
+    _add_db(p)
+    _add_worker(p)
+    p.set_defaults(func=cmd_write)
+
+    p = sub.add_parser("search", help="search the chunks of a tenant")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--tenant")
+    p.add_argument("--filter", help="metadata filter, a JSON object matched with @>")
+    p.add_argument("--ef-search", type=int)
+    p.add_argument("--explain", action="store_true", help="print EXPLAIN (ANALYZE, BUFFERS)")
+    p.add_argument("--json", action="store_true")
+    _add_db(p)
+    _add_model(p)
+    p.set_defaults(func=cmd_search)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return parser
+
+
+# Later modules (dlq, index, bench, ...) register their subcommands here.
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vecpipe`` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.func
+    try:
+        return handler(args)
+    except (ConfigError, Unreachable, CommandError) as exc:
+        print(f"vecpipe {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from vecpipe.faults import DeliveryFailed
+        from vecpipe.migrate import MigrationError
+
+        if isinstance(exc, DeliveryFailed | MigrationError):
+            print(f"vecpipe {args.command}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

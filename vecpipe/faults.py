@@ -1,0 +1,117 @@
+"""Which failures are transient (retried with backoff) and which are permanent (dead-lettered).
+
+This is the one place that says so; workers wrap their side effects in :func:`retrying` and
+send what :func:`is_permanent` calls permanent to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg.errors
+from confluent_kafka import KafkaError, KafkaException
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from vecpipe.config import RetryConfig
+from vecpipe.messages import InvalidMessage
+
+__all__ = [
+    "DeliveryFailed",
+    "ModelOutOfMemory",
+    "PermanentError",
+    "TransientError",
+    "is_permanent",
+    "is_transient",
+    "retrying",
+]
+
+T = TypeVar("T")
+
+
+class TransientError(RuntimeError):
+    """A failure that a later attempt may not see (an outage, a timeout)."""
+
+
+class PermanentError(ValueError):
+    """A failure of the input itself: retrying cannot help, the record goes to the dead letters."""
+
+
+class DeliveryFailed(TransientError):
+    """The broker did not acknowledge a produced message."""
+
+
+class ModelOutOfMemory(TransientError):
+    """The device ran out of memory on a batch; smaller batches may fit."""
+
+
+# SQLSTATE classes that mean "try again": serialization failure, deadlock, connection trouble,
+# admin shutdown, too many connections, lock timeout, query cancelled by statement_timeout.
+_TRANSIENT_SQLSTATES = ("40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "53300")
+_TRANSIENT_SQL_CLASSES = ("08",)
+
+
+def _is_transient_kafka(exc: KafkaException) -> bool:
+    err = exc.args[0] if exc.args else None
+    if isinstance(err, KafkaError):
+        return bool(err.retriable() or not err.fatal())
+    return True
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: outages, deadlocks, timeouts, out-of-memory."""
+    if isinstance(exc, TransientError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, KafkaException):
+        return _is_transient_kafka(exc)
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    if isinstance(exc, psycopg.Error) and exc.sqlstate:
+        return exc.sqlstate in _TRANSIENT_SQLSTATES or exc.sqlstate[:2] in _TRANSIENT_SQL_CLASSES
+    return False
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True for failures of the record itself, which go to the dead-letter topic."""
+    if isinstance(exc, InvalidMessage | PermanentError):
+        return True
+    if isinstance(exc, psycopg.errors.DataException | psycopg.errors.IntegrityError):
+        return True
+    return isinstance(exc, UnicodeError | ValueError) and not is_transient(exc)
+
+
+def retrying(
+    cfg: RetryConfig,
+    on_retry: Callable[[BaseException, int], None] | None = None,
+) -> Retrying:
+    """A tenacity policy: transient failures only, exponential backoff with full jitter."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        if on_retry is not None and state.outcome is not None:
+            exc = state.outcome.exception()
+            if exc is not None:
+                on_retry(exc, state.attempt_number)
+
+    return Retrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_random_exponential(multiplier=cfg.initial_wait_s, max=cfg.max_wait_s),
+        stop=stop_after_attempt(cfg.attempts),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+def call_with_retry(
+    cfg: RetryConfig, fn: Callable[..., T], *args: Any,
+    on_retry: Callable[[BaseException, int], None] | None = None,
+) -> T:
+    """Run ``fn(*args)`` under :func:`retrying`."""
+    result: T = retrying(cfg, on_retry)(fn, *args)
+    return result

@@ -1,0 +1,262 @@
+"""The embedding stage: chunks in, unit vectors out, poison records to the dead-letter topic.
+
+decode -> reuse known vectors -> encode the rest (length-sorted, halving on out-of-memory) ->
+normalize and check -> produce in the original order -> wait for the broker's acknowledgement.
+Only then does :meth:`EmbedProcessor.process` return the records, and only then are their
+offsets stored: a crash anywhere re-embeds, never loses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from confluent_kafka import Message
+
+from vecpipe.config import Config
+from vecpipe.consumer import Batch
+from vecpipe.deadletter import DeadLetterGuard, DeadLetters
+from vecpipe.faults import ModelOutOfMemory, PermanentError, call_with_retry
+from vecpipe.health import Metrics
+from vecpipe.messages import (
+    EMBEDDING,
+    Chunk,
+    Delete,
+    Embedding,
+    InvalidMessage,
+    decode,
+    encode_embedding,
+    schema_headers,
+)
+from vecpipe.producer import DurableProducer
+
+__all__ = ["EmbedProcessor", "EncoderLike", "VectorCache"]
+
+
+class EncoderLike(Protocol):
+    """What the stage needs of a model (``vecpipe.model.Encoder`` or a test fake)."""
+
+    name: str
+    revision: str
+    backend_tag: str
+    dimension: int
+
+    def encode(self, texts: list[str], batch_size: int | None = None) -> npt.NDArray[np.float32]:
+        """Embed texts into float32 rows."""
+        ...
+
+
+class VectorCache(Protocol):
+    """Vectors already stored for a content hash by the same model (name, revision, backend)."""
+
+    def lookup(
+        self, hashes: Sequence[str], model: str, revision: str, backend: str
+    ) -> dict[str, npt.NDArray[np.float32]]:
+        """Return the known vectors of ``hashes``; missing ones are simply absent."""
+        ...
+
+
+@dataclass
+class _Item:
+    msg: Message
+    chunk: Chunk
+    vector: npt.NDArray[np.float32] | None = None
+    error: BaseException | None = None
+
+
+class EmbedProcessor:
+    """Processes one batch of the chunks topic (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        encoder: EncoderLike,
+        producer: DurableProducer,
+        dead_letters: DeadLetters,
+        guard: DeadLetterGuard,
+        metrics: Metrics,
+        log: Any,
+        cache: VectorCache | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.encoder = encoder
+        self.producer = producer
+        self.dead_letters = dead_letters
+        self.guard = guard
+        self.metrics = metrics
+        self.log = log
+        self.cache = cache
+        self.out_topic = cfg.kafka.embeddings_topic
+        self.wire_dtype = "float16" if cfg.vector.column_type == "halfvec" else "float32"
+
+    def weight(self, msg: Message) -> int:
+        """Rough token count (a token is about four bytes of text), capped at the model's limit."""
+        return min(len(msg.value() or b"") // 4 + 2, 512)
+
+    # -- the batch -----------------------------------------------------------------------------
+
+    def process(self, batch: Batch) -> list[Message]:
+        """Embed, produce and wait for acknowledgement; return the records now durable."""
+        outputs: list[tuple[Message, _Item | Delete | None]] = []
+        items: list[_Item] = []
+        failures: list[tuple[Message, BaseException]] = []
+        for msg in batch.messages:
+            try:
+                obj = decode(msg.value(), msg.headers())
+                if isinstance(obj, Embedding):
+                    raise InvalidMessage(
+                        "an embedding message was published on the chunks topic; publish "
+                        "chunks there and let the embed stage make embeddings."
+                    )
+            except InvalidMessage as exc:
+                failures.append((msg, exc))
+                outputs.append((msg, None))
+                continue
+            if isinstance(obj, Delete):
+                outputs.append((msg, obj))
+            else:
+                item = _Item(msg, obj)
+                items.append(item)
+                outputs.append((msg, item))
+        self._reuse(items)
+        self._encode([it for it in items if it.vector is None])
+        for it in items:
+            if it.error is not None:
+                failures.append((it.msg, it.error))
+
+        def produce_all() -> None:
+            for msg, out in outputs:
+                if out is None or not batch.owned(msg):
+                    continue
+                if isinstance(out, Delete):
+                    # Deletes travel on in order with their document's chunks, unchanged.
+                    self.producer.produce(self.out_topic, msg.value(), key=msg.key(),
+                                          headers=msg.headers(), timestamp=msg.timestamp()[1])
+                elif out.error is None and out.vector is not None:
+                    self._produce_embedding(out)
+            for msg, err in failures:
+                if batch.owned(msg):
+                    self.dead_letters.send(msg, err)
+            self.producer.flush()
+
+        call_with_retry(self.cfg.retry, produce_all, on_retry=self._on_retry("produce"))
+        failed = {id(m) for m, _ in failures}
+        done = [m for m in batch.messages if batch.owned(m)]
+        for m in done:
+            self.guard.record(id(m) in failed)
+        self.metrics.count("dead_letter", sum(1 for m in done if id(m) in failed))
+        self.metrics.dead_letters.labels(self.metrics.stage).inc(
+            sum(1 for m in done if id(m) in failed))
+        self.metrics.count("ok", sum(1 for m in done if id(m) not in failed))
+        self.metrics.count("dropped", len(batch.messages) - len(done))
+        for msg, err in failures:
+            self.log.warning("dead_lettered", partition=msg.partition(), offset=msg.offset(),
+                             error_class=type(err).__name__, error=str(err))
+        return done
+
+    def _on_retry(self, kind: str) -> Any:
+        def on_retry(exc: BaseException, attempt: int) -> None:
+            self.metrics.retries.labels(self.metrics.stage, kind).inc()
+            self.log.warning("retrying", kind=kind, attempt=attempt, error=str(exc))
+
+        return on_retry
+
+    def _produce_embedding(self, item: _Item) -> None:
+        assert item.vector is not None
+        emb = Embedding(
+            chunk=item.chunk,
+            vector=item.vector,
+            model_name=self.encoder.name,
+            model_revision=self.encoder.revision,
+            backend=self.encoder.backend_tag,
+        )
+        self.producer.produce(
+            self.out_topic,
+            encode_embedding(emb, self.wire_dtype),
+            key=item.chunk.key,
+            headers=schema_headers(EMBEDDING),
+            # Keep the publish time: tenant deletions compare against it downstream.
+            timestamp=item.msg.timestamp()[1],
+        )
+
+    # -- vectors ---------------------------------------------------------------------------------
+
+    def _reuse(self, items: list[_Item]) -> None:
+        """Take vectors of content this model already embedded: no inference for them."""
+        if self.cache is None or not items:
+            return
+        try:
+            known = self.cache.lookup(
+                sorted({it.chunk.content_hash for it in items}),
+                self.encoder.name, self.encoder.revision, self.encoder.backend_tag,
+            )
+        except Exception as exc:
+            # The cache saves work; it must never stop the stage. Encode instead.
+            self.log.warning("vector_cache_unavailable", error=str(exc))
+            return
+        reused = 0
+        for it in items:
+            vec = known.get(it.chunk.content_hash)
+            if vec is not None and vec.shape == (self.encoder.dimension,):
+                it.vector = vec.astype(np.float32)
+                reused += 1
+        self.metrics.skipped.labels(self.metrics.stage).inc(reused)
+
+    def _encode(self, items: list[_Item]) -> None:
+        if not items:
+            return
+        # Length-sorted batches pad less: every sequence in a forward pass is padded to the longest.
+        ordered = sorted(items, key=lambda it: len(it.chunk.text))
+        started = time.perf_counter()
+        self._encode_split(ordered)
+        self.metrics.encode_seconds.labels(self.metrics.stage).observe(
+            time.perf_counter() - started)
+        for it in ordered:
+            if it.vector is not None:
+                it.vector, it.error = self._check(it.vector)
+
+    def _encode_split(self, items: list[_Item]) -> None:
+        """Encode; on out-of-memory, halve the batch, down to single items that are retried."""
+        texts = [it.chunk.text for it in items]
+        try:
+            if len(items) == 1:
+                vectors = call_with_retry(self.cfg.retry, self.encoder.encode, texts,
+                                          on_retry=self._on_retry("model"))
+            else:
+                vectors = self.encoder.encode(texts, len(texts))
+        except ModelOutOfMemory as exc:
+            if len(items) == 1:
+                items[0].error = PermanentError(
+                    f"the model ran out of memory on this chunk alone, even after retries: {exc}"
+                )
+                return
+            self.metrics.retries.labels(self.metrics.stage, "oom_split").inc()
+            self.log.warning("oom_split", size=len(items))
+            half = len(items) // 2
+            self._encode_split(items[:half])
+            self._encode_split(items[half:])
+            return
+        for it, vec in zip(items, vectors, strict=True):
+            it.vector = vec
+
+    def _check(
+        self, vec: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32] | None, BaseException | None]:
+        """Normalize for cosine and inner product; NaN, infinite or zero vectors are rejected."""
+        if vec.shape != (self.cfg.vector.dimension,):
+            return None, PermanentError(
+                f"the model returned {vec.shape[0]} dimensions but vector.dimension is "
+                f"{self.cfg.vector.dimension}; configure the dimension of the model."
+            )
+        if not np.all(np.isfinite(vec)):
+            return None, PermanentError("the model returned a vector with NaN or infinite values.")
+        norm = float(np.linalg.norm(vec))
+        if norm == 0.0:
+            return None, PermanentError("the model returned a zero vector, which has no direction.")
+        if self.cfg.vector.normalize:
+            vec = (vec / norm).astype(np.float32)
+        return vec, None

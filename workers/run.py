@@ -1,0 +1,118 @@
+"""Assembles a stage into a running worker: config -> clients -> processor -> consumer loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vecpipe.config import Config
+from vecpipe.consumer import BatchConsumer, BatchLimits, Processor, StopFlag
+from vecpipe.deadletter import DeadLetterGuard, DeadLetters
+from vecpipe.health import Health, Metrics, serve
+from vecpipe.logs import configure_logging, get_logger
+from vecpipe.producer import DurableProducer
+from vecpipe.topics import ensure_topics
+
+__all__ = ["run_embed", "run_write"]
+
+
+def _run(
+    cfg: Config,
+    stage: str,
+    topic: str,
+    group: str,
+    limits: BatchLimits,
+    make_processor: Callable[[DurableProducer, DeadLetters, DeadLetterGuard, Metrics, Any],
+                             Processor],
+    until_idle_s: float | None,
+    stop: StopFlag | None,
+) -> int:
+    configure_logging(cfg.ops.log_format, cfg.ops.log_level, stage=stage,
+                      worker_id=cfg.ops.worker_id)
+    log = get_logger()
+    ensure_topics(cfg.kafka)
+    metrics = Metrics(stage)
+    # A loop that has not turned for this long is stuck (a batch takes far less).
+    health = Health(stall_after_s=max(120.0, cfg.ops.shutdown_grace_s * 4))
+    if cfg.ops.metrics_port:
+        serve(cfg.ops.metrics_port, metrics, health)
+        log.info("http_serving", port=cfg.ops.metrics_port,
+                 paths=["/metrics", "/healthz", "/readyz"])
+    producer = DurableProducer(cfg.kafka)
+    dead_letters = DeadLetters(producer, cfg.kafka, stage, cfg.ops.worker_id)
+    guard = DeadLetterGuard(cfg.dead_letter)
+    processor = make_processor(producer, dead_letters, guard, metrics, log)
+    if stop is None:
+        stop = StopFlag()
+        stop.install_signal_handlers()
+    loop = BatchConsumer(
+        cfg.kafka, topic, group, processor, limits, log=log, metrics=metrics, health=health,
+        stop=stop, until_idle_s=until_idle_s, shutdown_grace_s=cfg.ops.shutdown_grace_s,
+    )
+    code = loop.run()
+    try:
+        producer.close()
+    except Exception as exc:
+        log.warning("producer_close_failed", error=str(exc))
+    return code
+
+
+def run_embed(cfg: Config, until_idle_s: float | None = None,
+              stop: StopFlag | None = None) -> int:
+    """Run the embedding stage until stopped; return the process exit code."""
+    from vecpipe.model import Encoder
+    from workers.embed import EmbedProcessor, VectorCache
+
+    encoder = Encoder(cfg.model)
+    cache: VectorCache | None = None
+    pool = None
+    if cfg.embed.reuse_vectors:
+        from vecpipe.db import make_pool
+        from vecpipe.store import Store
+
+        pool = make_pool(cfg.database, name="vecpipe-embed-cache")
+        store = Store(cfg, pool)
+
+        class _Cache:
+            def lookup(self, hashes: Any, model: str, revision: str, backend: str) -> Any:
+                return store.cached_vectors(hashes, model, revision, backend)
+
+        cache = _Cache()
+
+    def make(producer: DurableProducer, dl: DeadLetters, guard: DeadLetterGuard,
+             metrics: Metrics, log: Any) -> Processor:
+        log.info("model_loaded", model=encoder.name, revision=encoder.revision,
+                 backend=encoder.backend_tag, device=encoder.device, dimension=encoder.dimension)
+        return EmbedProcessor(cfg, encoder, producer, dl, guard, metrics, log, cache=cache)
+
+    limits = BatchLimits(cfg.embed.batch_size, cfg.embed.batch_tokens,
+                         cfg.embed.batch_wait_ms / 1000)
+    try:
+        return _run(cfg, "embed", cfg.kafka.chunks_topic, cfg.kafka.embed_group, limits, make,
+                    until_idle_s, stop)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def run_write(cfg: Config, until_idle_s: float | None = None,
+              stop: StopFlag | None = None) -> int:
+    """Run the writer stage until stopped; return the process exit code."""
+    from vecpipe.db import make_pool
+    from vecpipe.store import Store
+    from workers.write import WriteProcessor
+
+    pool = make_pool(cfg.database, name="vecpipe-write")
+    store = Store(cfg, pool)
+
+    def make(producer: DurableProducer, dl: DeadLetters, guard: DeadLetterGuard,
+             metrics: Metrics, log: Any) -> Processor:
+        return WriteProcessor(cfg, store, producer, dl, guard, metrics, log, cfg.ops.worker_id)
+
+    limits = BatchLimits(cfg.write.batch_size, cfg.write.batch_size,
+                         cfg.write.batch_wait_ms / 1000)
+    try:
+        return _run(cfg, "write", cfg.kafka.embeddings_topic, cfg.kafka.write_group, limits,
+                    make, until_idle_s, stop)
+    finally:
+        pool.close()
