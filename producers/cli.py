@@ -54,7 +54,8 @@ def produce(cfg: Config, paths: Sequence[str], *, include: Sequence[str] = ("*",
         publisher = Publisher(cfg, chunker)
     summary = ProduceSummary()
     started = time.monotonic()
-    bar = tqdm(unit="doc", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(unit="doc", disable=not progress, file=sys.stderr, dynamic_ncols=True,
+               mininterval=1.0)
     try:
         for item in iter_documents(paths, cfg.produce.tenant, include=include, exclude=exclude):
             if isinstance(item, ReadFailure):
