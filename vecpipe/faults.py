@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
-import psycopg.errors
 from confluent_kafka import KafkaError, KafkaException
 from tenacity import (
     RetryCallState,
@@ -82,7 +81,8 @@ def is_permanent(exc: BaseException) -> bool:
     """True for failures of the record itself, which go to the dead-letter topic."""
     if isinstance(exc, InvalidMessage | PermanentError):
         return True
-    if isinstance(exc, psycopg.errors.DataException | psycopg.errors.IntegrityError):
+    # SQLSTATE classes 22 (data exception) and 23 (integrity constraint): the row, not the server.
+    if isinstance(exc, psycopg.DataError | psycopg.IntegrityError):
         return True
     return isinstance(exc, UnicodeError | ValueError) and not is_transient(exc)
 

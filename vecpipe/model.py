@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vecpipe.config import ConfigError, ModelConfig
+from vecpipe.config import DEFAULT_MODEL_ID, ConfigError, ModelConfig, default_model_path
 from vecpipe.faults import ModelOutOfMemory
 
-__all__ = ["Encoder", "model_revision", "normalize_rows"]
+__all__ = ["Encoder", "model_label", "model_revision", "normalize_rows"]
 
 # Weights live on disk beside the code; a hub lookup must never happen, not even a HEAD request.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,6 +37,18 @@ def normalize_rows(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(norms > 0, vectors / norms, 0.0)
     return out.astype(np.float32)
+
+
+def model_label(cfg: ModelConfig) -> str:
+    """The model's name as recorded with its vectors: stable across machines and installs."""
+    if cfg.label:
+        return cfg.label
+    path = Path(cfg.name)
+    if not path.is_dir():
+        return cfg.name
+    if path.resolve() == Path(default_model_path()).resolve():
+        return DEFAULT_MODEL_ID
+    return path.name
 
 
 def model_revision(path: str) -> str:
@@ -71,13 +83,13 @@ class Encoder:
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
         self.device = self._device(cfg.device)
-        self.name = cfg.name.rstrip("/")
+        self.name = model_label(cfg)
         self.revision = cfg.revision or model_revision(cfg.name)
         self.backend_tag = f"{cfg.backend}-{cfg.precision}" if cfg.backend == "torch" else (
             cfg.backend if cfg.backend == "onnx-int8" else "onnx-fp32")
         self.model = self._load()
-        dimension = getattr(self.model, "get_embedding_dimension", None) or getattr(
-            self.model, "get_sentence_embedding_dimension")
+        dimension = (getattr(self.model, "get_embedding_dimension", None)
+                     or self.model.get_sentence_embedding_dimension)
         self.dimension = int(dimension() or 0)
         self.max_seq_length = int(self.model.max_seq_length)
         self.tokenizer = self.model.tokenizer

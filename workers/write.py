@@ -100,7 +100,8 @@ class WriteProcessor:
         self.metrics = metrics
         self.log = log
         self.worker_id = worker_id
-        self._by_row: dict[int, Message] = {}
+        # Which message each row or delete came from, to dead-letter what the database refuses.
+        self._source: dict[int, Message] = {}
 
     def weight(self, msg: Message) -> int:
         """Every record counts one towards the batch size."""
@@ -131,7 +132,7 @@ class WriteProcessor:
                     rows.append((msg, to_row(obj, msg, self.cfg)))
             except (InvalidMessage, PermanentError) as exc:
                 failures.append((msg, exc))
-        self._by_row = {id(row): msg for msg, row in rows}
+        self._source = {id(item): msg for msg, item in [*rows, *deletes]}
         kept = _drop_superseded(rows, deletes)
         stats = self._apply(kept, [d for _, d in deletes], failures)
         if failures:
@@ -165,42 +166,45 @@ class WriteProcessor:
                 on_retry=on_retry)
             return result
         except Exception as exc:
-            if not is_permanent(exc) or len(rows) + len(deletes) <= 1:
-                if is_permanent(exc):
-                    culprit = rows[0] if rows else None
-                    msg = self._by_row.get(id(culprit)) if culprit is not None else None
-                    if msg is not None:
-                        failures.append((msg, exc))
-                        return MergeStats()
+            if not is_permanent(exc):
                 raise
+            items: list[Row | DeleteRequest] = [*deletes, *rows]
+            if len(items) == 1:
+                msg = self._source.get(id(items[0]))
+                if msg is None:
+                    raise
+                failures.append((msg, exc))
+                return MergeStats()
         # One record the database refuses must not hold back the rest: bisect to find it.
+        # Halves keep the order (deletes first), so the result is what one transaction gives.
         self.log.warning("batch_bisect", rows=len(rows), deletes=len(deletes))
-        stats = self._apply([], deletes, failures) if deletes else MergeStats()
-        half = len(rows) // 2
-        for part in (rows[:half], rows[half:]):
-            if part:
-                stats.add(self._apply(part, [], failures))
+        stats = MergeStats()
+        half = len(items) // 2
+        for part in (items[:half], items[half:]):
+            stats.add(self._apply([r for r in part if isinstance(r, Row)],
+                                  [d for d in part if isinstance(d, DeleteRequest)], failures))
         return stats
 
 
 def _drop_superseded(rows: list[tuple[Message, Row]],
                      deletes: list[tuple[Message, DeleteRequest]]) -> list[Row]:
     """Rows of a document deleted later in the same batch never reach the merge."""
-    last_delete: dict[tuple[str, str], int] = {}
+    doc_deletes: dict[tuple[str, str], list[tuple[int, int | None]]] = {}
     tenant_cut: dict[str, datetime] = {}
     for msg, req in deletes:
         if req.doc_id is None:
             tenant_cut[req.tenant_id] = max(req.published_at,
                                             tenant_cut.get(req.tenant_id, req.published_at))
         else:
-            key = (req.tenant_id, req.doc_id)
-            last_delete[key] = max(msg.offset() or 0, last_delete.get(key, -1))
-    kept = []
-    for _, row in rows:
-        cut = last_delete.get((row.tenant_id, row.doc_id))
-        if cut is not None and row.offset < cut:
-            continue
-        if row.tenant_id in tenant_cut and row.published_at <= tenant_cut[row.tenant_id]:
-            continue
-        kept.append(row)
-    return kept
+            doc_deletes.setdefault((req.tenant_id, req.doc_id), []).append(
+                (msg.offset() or 0, req.version))
+
+    def deleted_later(row: Row) -> bool:
+        # A versioned delete removes that version and older ones only, as in the store.
+        return any(offset > row.offset and (version is None or row.doc_version <= version)
+                   for offset, version in doc_deletes.get((row.tenant_id, row.doc_id), ()))
+
+    return [row for _, row in rows
+            if not deleted_later(row)
+            and not (row.tenant_id in tenant_cut
+                     and row.published_at <= tenant_cut[row.tenant_id])]

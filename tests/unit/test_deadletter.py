@@ -1,0 +1,250 @@
+"""Unit tests of vecpipe.deadletter with a fake producer: headers kept and added, and the guard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from vecpipe.config import DeadLetterConfig, KafkaConfig
+from vecpipe.deadletter import (
+    ERROR_PREFIXES,
+    H_ATTEMPTS,
+    H_CLASS,
+    H_FIRST_FAILED,
+    H_MESSAGE,
+    H_OFFSET,
+    H_PARTITION,
+    H_REPLAYS,
+    H_STACK,
+    H_STAGE,
+    H_TOPIC,
+    H_WORKER,
+    DeadLetterGuard,
+    DeadLetterRateExceeded,
+    DeadLetters,
+)
+from vecpipe.messages import CHUNK, InvalidMessage, load_schema, schema_headers
+
+
+@dataclass
+class Produced:
+    """One message the fake producer was asked to send."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp: int | None
+
+
+@dataclass
+class FakeProducer:
+    """Records produce calls, like DurableProducer without a broker."""
+
+    sent: list[Produced] = field(default_factory=list)
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None = None,
+                headers: Any = None, timestamp: int | None = None) -> None:
+        self.sent.append(Produced(topic, value, key, list(headers or []), timestamp))
+
+    def flush(self) -> None:
+        pass
+
+
+@dataclass
+class FakeRecord:
+    """A consumed record, with the methods of confluent_kafka.Message that dead letters use."""
+
+    topic_: str = "vecpipe.chunks"
+    partition_: int = 2
+    offset_: int = 41
+    key_: bytes | None = b"acme/doc-1"
+    value_: bytes | None = b'{"not": "valid"'
+    headers_: list[tuple[str, bytes]] = field(default_factory=lambda: [
+        *schema_headers(CHUNK), ("traceparent", b"00-abc-def-01")])
+    timestamp_: tuple[int, int] = (1, 1_714_566_615_123)
+
+    def topic(self) -> str:
+        return self.topic_
+
+    def partition(self) -> int:
+        return self.partition_
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def key(self) -> bytes | None:
+        return self.key_
+
+    def value(self) -> bytes | None:
+        return self.value_
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self.headers_
+
+    def timestamp(self) -> tuple[int, int]:
+        return self.timestamp_
+
+
+def _dead_letters(producer: FakeProducer, stage: str = "embed") -> DeadLetters:
+    fake: Any = producer
+    return DeadLetters(fake, KafkaConfig(), stage=stage, worker_id="host-123")
+
+
+def _raised(exc: BaseException) -> BaseException:
+    """``exc`` with a traceback, as a worker would have caught it."""
+    try:
+        raise exc
+    except BaseException as caught:
+        return caught
+
+
+def _added(headers: list[tuple[str, bytes]]) -> dict[str, str]:
+    return {k: v.decode("utf-8") for k, v in headers
+            if k.startswith(ERROR_PREFIXES) or k == H_REPLAYS}
+
+
+def test_send_keeps_the_record_and_adds_error_headers() -> None:
+    """The dead letter keeps key, value, headers and timestamp, and adds every error header."""
+    producer = FakeProducer()
+    record = FakeRecord()
+    exc = _raised(InvalidMessage("the value is not valid JSON: Expecting ',' at 15."))
+    topic = _dead_letters(producer).send(record, exc, attempts=3)
+    assert topic == "vecpipe.chunks.dlq"
+    [sent] = producer.sent
+    assert sent.topic == "vecpipe.chunks.dlq"
+    assert sent.key == record.key_
+    assert sent.value == record.value_
+    assert sent.timestamp == 1_714_566_615_123
+    assert sent.headers[: len(record.headers_)] == record.headers_
+    added = _added(sent.headers)
+    assert added[H_TOPIC] == "vecpipe.chunks"
+    assert added[H_PARTITION] == "2"
+    assert added[H_OFFSET] == "41"
+    assert added[H_CLASS] == "vecpipe.messages.InvalidMessage"
+    assert added[H_MESSAGE] == "the value is not valid JSON: Expecting ',' at 15."
+    assert "InvalidMessage" in added[H_STACK]
+    assert "Traceback" in added[H_STACK]
+    assert added[H_STAGE] == "embed"
+    assert added[H_WORKER] == "host-123"
+    assert added[H_ATTEMPTS] == "3"
+    assert datetime.fromisoformat(added[H_FIRST_FAILED]).utcoffset() is not None
+
+
+def test_added_headers_follow_the_schema() -> None:
+    """The added headers validate against schemas/dead-letter-headers.v1.json."""
+    producer = FakeProducer()
+    _dead_letters(producer, stage="write").send(FakeRecord(), _raised(ValueError("bad")))
+    added = _added(producer.sent[0].headers)
+    schema = load_schema("dead-letter-headers.v1.json")
+    Draft202012Validator(schema).validate(added)
+    assert set(added) <= set(schema["properties"])
+    assert set(schema["required"]) <= set(added)
+
+
+def test_str_key_and_value_are_sent_as_bytes() -> None:
+    """A record whose key and value came as text is sent as UTF-8 bytes."""
+    producer = FakeProducer()
+    record: Any = FakeRecord(key_=None, value_=None)
+    record.key = lambda: "acme/doc-1"
+    record.value = lambda: "plain text"
+    _dead_letters(producer).send(record, ValueError("x"))
+    assert (producer.sent[0].key, producer.sent[0].value) == (b"acme/doc-1", b"plain text")
+
+
+def test_record_without_timestamp() -> None:
+    """A record without a timestamp lets the producer choose one."""
+    producer = FakeProducer()
+    _dead_letters(producer).send(FakeRecord(timestamp_=(0, 0)), ValueError("x"))
+    assert producer.sent[0].timestamp is None
+
+
+def test_second_failure_replaces_error_headers() -> None:
+    """A replayed record that fails again carries one set of error headers, the newest, but
+    keeps its first-failed-at and its replay count."""
+    first = FakeProducer()
+    _dead_letters(first, stage="embed").send(FakeRecord(), _raised(ValueError("first")))
+    first_headers = first.sent[0].headers
+    first_failed = dict(first_headers)[H_FIRST_FAILED]
+
+    replayed = FakeRecord(topic_="vecpipe.chunks", partition_=0, offset_=7,
+                          headers_=[*first_headers, (H_REPLAYS, b"1")])
+    second = FakeProducer()
+    _dead_letters(second, stage="write").send(replayed, _raised(KeyError("second")),
+                                              attempts=2)
+    headers = second.sent[0].headers
+    names = [k for k, _ in headers]
+    for name in (H_TOPIC, H_PARTITION, H_OFFSET, H_CLASS, H_MESSAGE, H_STACK, H_STAGE,
+                 H_WORKER, H_ATTEMPTS, H_FIRST_FAILED, H_REPLAYS):
+        assert names.count(name) == 1, name
+    added = _added(headers)
+    assert added[H_MESSAGE] == "'second'"
+    assert added[H_CLASS] == "builtins.KeyError"
+    assert added[H_OFFSET] == "7"
+    assert added[H_STAGE] == "write"
+    assert added[H_ATTEMPTS] == "2"
+    assert "first" not in added[H_STACK]
+    assert added[H_FIRST_FAILED].encode() == first_failed
+    assert added[H_REPLAYS] == "1"
+    # Headers that were not vecpipe's error headers survive untouched, in order.
+    assert [(k, v) for k, v in headers if not k.startswith(ERROR_PREFIXES)
+            and k != H_REPLAYS] == FakeRecord().headers_
+    Draft202012Validator(load_schema("dead-letter-headers.v1.json")).validate(added)
+
+
+def test_long_stack_is_capped() -> None:
+    """A huge traceback is cut to its last 8000 characters."""
+    producer = FakeProducer()
+    _dead_letters(producer).send(FakeRecord(), _raised(ValueError("x" * 20_000)))
+    stack = dict(producer.sent[0].headers)[H_STACK]
+    assert len(stack) <= 8000
+    assert dict(producer.sent[0].headers)[H_MESSAGE] == b"x" * 20_000
+
+
+# -- the guard -----------------------------------------------------------------------------------
+
+
+def test_guard_trips_on_consecutive_failures() -> None:
+    """max_consecutive failures in a row stop the worker."""
+    guard = DeadLetterGuard(DeadLetterConfig(window=1000, max_ratio=1.0, max_consecutive=3))
+    guard.record(True)
+    guard.record(True)
+    guard.record(False)  # a success resets the run
+    guard.record(True)
+    guard.record(True)
+    with pytest.raises(DeadLetterRateExceeded, match="3 records in a row"):
+        guard.record(True)
+
+
+def test_guard_trips_on_ratio_over_a_full_window() -> None:
+    """More than max_ratio failures over a full window stop the worker."""
+    guard = DeadLetterGuard(DeadLetterConfig(window=10, max_ratio=0.5, max_consecutive=100))
+    outcomes = [True, False] * 4 + [True]  # 5 of 9: the window is not full yet
+    for failed in outcomes:
+        guard.record(failed)
+    with pytest.raises(DeadLetterRateExceeded, match="60% of the last 10 records"):
+        guard.record(True)
+
+
+def test_guard_does_not_trip_below_the_caps() -> None:
+    """Exactly max_ratio failures, and runs shorter than max_consecutive, are tolerated."""
+    guard = DeadLetterGuard(DeadLetterConfig(window=10, max_ratio=0.5, max_consecutive=3))
+    for _ in range(20):
+        guard.record(True)
+        guard.record(False)
+    # Every full window holds exactly half failures, and no run reaches three.
+    guard.record(True)
+
+
+def test_guard_does_not_judge_a_partial_window() -> None:
+    """Failures before the window fills are judged only by max_consecutive."""
+    guard = DeadLetterGuard(DeadLetterConfig(window=10, max_ratio=0.1, max_consecutive=5))
+    for _ in range(4):
+        guard.record(True)
+    guard.record(False)
+    for _ in range(4):
+        guard.record(True)
