@@ -6,6 +6,7 @@
 --   psql -v schema=vecpipe -v vector_type=vector -v dimension=384 -v app_role=vecpipe_app -f FILE
 
 -- pgvector >= 0.8 brings the vector and halfvec types, HNSW and IVFFlat, and iterative scans.
-CREATE EXTENSION IF NOT EXISTS vector;
+-- In public, so that every schema (one per deployment or test) sees the types.
+CREATE EXTENSION IF NOT EXISTS vector SCHEMA public;
 
 CREATE SCHEMA IF NOT EXISTS :"schema";

@@ -90,14 +90,18 @@ def cmd_services(args: argparse.Namespace) -> int:
     from vecpipe import services
 
     home = _home(args)
-    if args.action == "up":
-        info = services.up(home, progress=lambda line: print(line, file=sys.stderr))
-    elif args.action == "down":
-        services.down(home, purge=args.purge)
-        print(f"services stopped{' and data removed' if args.purge else ''} ({home})")
-        return 0
-    else:
-        info = services.status(home)
+    try:
+        if args.action == "up":
+            info = services.up(home, kafka_port=args.kafka_port, postgres_port=args.postgres_port,
+                               progress=lambda line: print(line, file=sys.stderr))
+        elif args.action == "down":
+            services.down(home, purge=args.purge)
+            print(f"services stopped{' and data removed' if args.purge else ''} ({home})")
+            return 0
+        else:
+            info = services.status(home)
+    except services.ServiceError as exc:
+        raise CommandError(str(exc)) from None
     print(f"kafka     {'running' if info.kafka_running else 'stopped'}  "
           f"VECPIPE_KAFKA_BOOTSTRAP={info.bootstrap}")
     print(f"postgres  {'running' if info.postgres_running else 'stopped'}  "
@@ -207,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", help="where services keep their data (VECPIPE_HOME)")
     p.add_argument("--purge", action="store_true", help="with down: remove their data too")
     p.add_argument("--env", action="store_true", help="with status: print export lines")
+    p.add_argument("--kafka-port", type=int, help="with up: the broker's port (default 9092)")
+    p.add_argument("--postgres-port", type=int, help="with up: PostgreSQL's port (default 5432)")
     p.set_defaults(func=cmd_services)
 
     p = sub.add_parser("migrate", help="apply sql/ migrations and create the vector index")

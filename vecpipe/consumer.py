@@ -262,8 +262,13 @@ class BatchConsumer:
         batch, fut, started = self._inflight
         if not wait and not fut.done():
             return False
-        done = fut.result(timeout=timeout)  # re-raises the processor's failure
-        self._inflight = None
+        try:
+            done = fut.result(timeout=timeout)  # re-raises the processor's failure
+        finally:
+            # Failed or abandoned, the batch is over: nothing of it is stored, so a later
+            # rebalance or close must not collect it again.
+            if fut.done() or timeout is not None:
+                self._inflight = None
         self._store(done)
         elapsed = time.monotonic() - started
         self.metrics.batch_seconds.labels(self.metrics.stage).observe(elapsed)
@@ -365,7 +370,10 @@ class BatchConsumer:
                 self._commit()
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
-            self.consumer.close()
+            try:
+                self.consumer.close()
+            except Exception as exc:
+                self.log.warning("consumer_close_failed", error=str(exc))
 
 
 def offsets_committed(kafka: KafkaConfig, group: str, topic: str) -> dict[int, int]:

@@ -79,9 +79,17 @@ def _register(conn: psycopg.Connection[Any], db: DatabaseConfig) -> None:
         ) from None
 
 
-def check_database(db: DatabaseConfig) -> None:
-    """Raise :class:`Unreachable` with a one-sentence reason unless the database answers."""
-    connect(db, vector_types=False, autocommit=True).close()
+def check_database(db: DatabaseConfig, *, migrated: bool = False) -> None:
+    """Raise :class:`Unreachable` with a one-sentence reason unless the database answers.
+
+    With ``migrated``, also require the vector extension and the chunks table.
+    """
+    with connect(db, vector_types=migrated, autocommit=True) as conn:
+        if migrated and conn.execute("SELECT to_regclass('chunks')").fetchone() == (None,):
+            raise Unreachable(
+                f"The schema {db.schema!r} (database.schema, VECPIPE_DB_SCHEMA) has no chunks "
+                "table; run 'vecpipe migrate' first."
+            )
 
 
 def make_pool(db: DatabaseConfig, *, name: str = "vecpipe") -> ConnectionPool[Any]:
@@ -92,7 +100,7 @@ def make_pool(db: DatabaseConfig, *, name: str = "vecpipe") -> ConnectionPool[An
         register_vector(conn)
         conn.commit()
 
-    check_database(db)
+    check_database(db, migrated=True)
     pool: ConnectionPool[Any] = ConnectionPool(
         db.url,
         min_size=db.pool_min,

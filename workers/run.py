@@ -12,6 +12,7 @@ from vecpipe.health import Health, Metrics, serve
 from vecpipe.logs import configure_logging, get_logger
 from vecpipe.producer import DurableProducer
 from vecpipe.topics import ensure_topics
+from workers.embed import EncoderLike
 
 __all__ = ["run_embed", "run_write"]
 
@@ -58,12 +59,17 @@ def _run(
 
 
 def run_embed(cfg: Config, until_idle_s: float | None = None,
-              stop: StopFlag | None = None) -> int:
-    """Run the embedding stage until stopped; return the process exit code."""
+              stop: StopFlag | None = None, encoder: EncoderLike | None = None) -> int:
+    """Run the embedding stage until stopped; return the process exit code.
+
+    ``encoder`` defaults to the configured model; tests pass one loaded once per session.
+    """
     from vecpipe.model import Encoder
     from workers.embed import EmbedProcessor, VectorCache
 
-    encoder = Encoder(cfg.model)
+    ensure_topics(cfg.kafka)
+    if encoder is None:
+        encoder = Encoder(cfg.model)
     cache: VectorCache | None = None
     pool = None
     if cfg.embed.reuse_vectors:
@@ -82,7 +88,7 @@ def run_embed(cfg: Config, until_idle_s: float | None = None,
     def make(producer: DurableProducer, dl: DeadLetters, guard: DeadLetterGuard,
              metrics: Metrics, log: Any) -> Processor:
         log.info("model_loaded", model=encoder.name, revision=encoder.revision,
-                 backend=encoder.backend_tag, device=encoder.device, dimension=encoder.dimension)
+                 backend=encoder.backend_tag, dimension=encoder.dimension)
         return EmbedProcessor(cfg, encoder, producer, dl, guard, metrics, log, cache=cache)
 
     limits = BatchLimits(cfg.embed.batch_size, cfg.embed.batch_tokens,
@@ -102,6 +108,7 @@ def run_write(cfg: Config, until_idle_s: float | None = None,
     from vecpipe.store import Store
     from workers.write import WriteProcessor
 
+    ensure_topics(cfg.kafka)
     pool = make_pool(cfg.database, name="vecpipe-write")
     store = Store(cfg, pool)
 

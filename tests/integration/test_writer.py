@@ -1,0 +1,272 @@
+"""The writer on the real database and broker: idempotent, newest wins, deletes, concurrency."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from tests.helpers import read_topic, run_stage
+from vecpipe.consumer import offsets_committed
+from vecpipe.db import connect, make_pool
+from vecpipe.messages import (
+    DELETE,
+    EMBEDDING,
+    Chunk,
+    Delete,
+    Embedding,
+    content_hash,
+    encode_delete,
+    encode_embedding,
+    schema_headers,
+)
+from vecpipe.producer import DurableProducer
+from vecpipe.store import DeleteRequest, Row, Store
+
+pytestmark = pytest.mark.integration
+
+RNG = np.random.default_rng(7)
+NOW = datetime.now(UTC)
+
+
+def unit(dim: int = 384, seed: int | None = None) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """A random unit vector."""
+    rng = np.random.default_rng(seed) if seed is not None else RNG
+    v = rng.standard_normal(dim).astype(np.float32)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def row(doc: str, idx: int, version: int = 1, count: int = 1, text: str | None = None,
+        tenant: str = "default", offset: int = 0, published: datetime = NOW) -> Row:
+    """A row to merge with a deterministic vector for its text."""
+    text = text or f"{doc} chunk {idx} v{version}"
+    return Row(
+        tenant_id=tenant, doc_id=doc, chunk_index=idx, doc_version=version, chunk_count=count,
+        content_hash=content_hash(text), content=text, char_start=0, char_end=len(text),
+        source_uri="", metadata={"v": version}, embedding=unit(seed=abs(hash(text)) % 2**32),
+        model_name="m", model_revision="r", model_backend="torch-fp32", embedded_at=NOW,
+        published_at=published, offset=offset,
+    )
+
+
+@pytest.fixture
+def store(migrated: Any) -> Iterator[Store]:
+    """A Store over a fresh, migrated schema."""
+    pool = make_pool(migrated.database)
+    try:
+        yield Store(migrated, pool)
+    finally:
+        pool.close()
+
+
+def rows_of(store: Store) -> dict[tuple[str, str, int], tuple[int, str]]:
+    """(tenant, doc, index) -> (version, content) of every stored chunk."""
+    with store.pool.connection() as conn:
+        return {(t, d, i): (v, c) for t, d, i, v, c in conn.execute(
+            "SELECT tenant_id, doc_id, chunk_index, doc_version, content FROM chunks")}
+
+
+def n_tup_upd(store: Store) -> int:
+    """Rows updated in the chunks table so far, from the statistics collector."""
+    with store.pool.connection() as conn:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        conn.commit()
+        r = conn.execute("SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'chunks' "
+                         "AND schemaname = %s", (store.cfg.database.schema,)).fetchone()
+    assert r is not None
+    return int(r[0])
+
+
+def test_reingesting_unchanged_content_updates_no_row(store: Store) -> None:
+    """The same rows merged again change nothing: n_tup_upd in pg_stat_user_tables stays flat."""
+    rows = [row("a", i, count=3) for i in range(3)] + [row("b", 0)]
+    first = store.apply(rows, [])
+    assert first.inserted == 4
+    before = n_tup_upd(store)
+    again = store.apply(rows, [])
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 4)
+    assert n_tup_upd(store) == before
+
+
+def test_duplicates_in_one_batch_collapse_to_the_newest(store: Store) -> None:
+    """Several messages for one key in a batch merge as the newest, without a conflict error."""
+    stats = store.apply([row("a", 0, version=1, offset=1), row("a", 0, version=3, offset=2),
+                         row("a", 0, version=2, offset=3)], [])
+    assert stats.inserted == 1
+    assert rows_of(store)[("default", "a", 0)][0] == 3
+
+
+def test_older_version_never_overwrites_a_newer_one(store: Store) -> None:
+    """A late or replayed older version leaves the newer version in place."""
+    store.apply([row("a", 0, version=5, text="new")], [])
+    stats = store.apply([row("a", 0, version=4, text="old")], [])
+    assert stats.inserted == stats.updated == 0
+    assert rows_of(store)[("default", "a", 0)] == (5, "new")
+
+
+def test_new_version_with_fewer_chunks_removes_the_stale_ones(store: Store) -> None:
+    """Writing version 2 with 2 chunks deletes chunks 2..4 of version 1."""
+    store.apply([row("a", i, version=1, count=5) for i in range(5)], [])
+    stats = store.apply([row("a", i, version=2, count=2) for i in range(2)], [])
+    assert stats.stale_deleted == 3
+    assert sorted(k[2] for k in rows_of(store)) == [0, 1]
+
+
+def test_document_delete_removes_rows_writes_audit_and_blocks_late_chunks(store: Store) -> None:
+    """A document delete removes its chunks, is audited, and a late chunk of it stays out."""
+    store.apply([row("a", i, count=2) for i in range(2)] + [row("b", 0)], [])
+    req = DeleteRequest("default", "a", None, NOW, {"topic": "t", "partition": 0, "offset": 9})
+    assert store.apply([], [req], worker_id="w1").deleted == 2
+    store.apply([row("a", 0, count=2)], [])  # redelivered chunk of the deleted version
+    assert set(rows_of(store)) == {("default", "b", 0)}
+    with store.pool.connection() as conn:
+        audit = conn.execute("SELECT action, doc_id, rows_deleted, applied, source->>'worker', "
+                             "source->>'offset' FROM audit_log").fetchall()
+    assert audit == [("delete_document", "a", 2, True, "w1", "9")]
+    store.apply([row("a", 0, version=2)], [])  # a newer version is a new document
+    assert ("default", "a", 0) in rows_of(store)
+
+
+def test_tenant_delete_removes_every_row_and_earlier_publications(store: Store) -> None:
+    """A tenant delete removes all its rows; chunks published before it never come back."""
+    store.apply([row("a", 0, tenant="t1"), row("b", 0, tenant="t1"), row("c", 0, tenant="t2")],
+                [])
+    store.apply([], [DeleteRequest("t1", None, None, NOW, {"offset": 1})])
+    store.apply([row("z", 0, tenant="t1", published=NOW - timedelta(seconds=5))], [])
+    assert set(rows_of(store)) == {("t2", "c", 0)}
+    store.apply([row("z", 0, tenant="t1", published=NOW + timedelta(seconds=5))], [])
+    assert ("t1", "z", 0) in rows_of(store)
+
+
+def test_two_writers_on_overlapping_keys_never_fail(store: Store) -> None:
+    """Concurrent merges of the same keys in opposite orders neither deadlock nor diverge."""
+    keys = [(f"d{i % 7}", i % 3) for i in range(60)]
+    errors: list[BaseException] = []
+
+    def writer(reverse: bool, version: int) -> None:
+        try:
+            for n in range(15):
+                batch = [row(d, i, version=version + n, count=3)
+                         for d, i in (reversed(keys) if reverse else keys)]
+                store.apply(batch, [])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(r, v)) for r, v in ((False, 1), (True, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert {v for v, _ in rows_of(store).values()} == {15}
+
+
+def test_killed_connection_mid_batch_is_retried_to_the_same_result(migrated: Any) -> None:
+    """A writer whose connection is killed mid-batch retries, and every row lands once."""
+    cfg = migrated
+    producer = DurableProducer(cfg.kafka)
+    rows = [row(f"doc{i}", 0, text=f"text {i}") for i in range(300)]
+    for r in rows:
+        emb = Embedding(Chunk(r.tenant_id, r.doc_id, 1, 0, 1, r.content, r.content_hash, 0,
+                              len(r.content)), r.embedding, "m", "r", "torch-fp32")
+        producer.produce(cfg.kafka.embeddings_topic, encode_embedding(emb), key=b"k",
+                         headers=schema_headers(EMBEDDING))
+    producer.flush()
+    # Hold a lock so the writer's merge waits, then kill its backend while it waits.
+    blocker = connect(cfg.database)
+    blocker.execute("LOCK TABLE documents IN EXCLUSIVE MODE")
+    killed: list[int] = []
+
+    def killer() -> None:
+        try:
+            kill()
+        except BaseException as exc:
+            print("KILLER", repr(exc))
+            raise
+
+    def kill() -> None:
+        with connect(cfg.database, autocommit=True) as admin:
+            for _ in range(1200):
+                pids = [p for (p,) in admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND strpos(query, %s) > 0 AND pid <> pg_backend_pid()",
+                    (f'"{cfg.database.schema}".documents',))]
+                if pids:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pids[0],))
+                    killed.append(pids[0])
+                    blocker.rollback()
+                    return
+                time.sleep(0.05)
+            blocker.rollback()
+
+    t = threading.Thread(target=killer)
+    t.start()
+    code = run_stage("write", cfg, until_idle_s=3)
+    t.join()
+    blocker.close()
+    assert code == 0
+    assert killed, "the writer never reached the merge while the lock was held"
+    with connect(cfg.database) as conn:
+        assert conn.execute("SELECT count(*) FROM chunks").fetchone() == (300,)
+
+
+def test_offsets_are_committed_only_after_the_database_commit(migrated: Any) -> None:
+    """A writer that cannot commit to the database stores no offset; the next run lands all."""
+    cfg = migrated
+    producer = DurableProducer(cfg.kafka)
+    for i in range(20):
+        r = row(f"doc{i}", 0)
+        emb = Embedding(Chunk(r.tenant_id, r.doc_id, 1, 0, 1, r.content, r.content_hash, 0, 1),
+                        r.embedding, "m", "r", "torch-fp32")
+        producer.produce(cfg.kafka.embeddings_topic, encode_embedding(emb),
+                         key=r.doc_id.encode(), headers=schema_headers(EMBEDDING))
+    producer.flush()
+    with connect(cfg.database, autocommit=True) as admin:
+        # A missing table is neither transient nor a fault of a record: the worker must stop
+        # without storing any offset, and dead-letter nothing.
+        admin.execute("ALTER TABLE documents RENAME TO documents_away")
+        try:
+            failing = run_stage("write", cfg, until_idle_s=3)
+        finally:
+            admin.execute("ALTER TABLE documents_away RENAME TO documents")
+    assert failing != 0
+    assert offsets_committed(cfg.kafka, cfg.kafka.write_group, cfg.kafka.embeddings_topic) == {}
+    assert run_stage("write", cfg, until_idle_s=3) == 0
+    with connect(cfg.database) as conn:
+        assert conn.execute("SELECT count(*) FROM chunks").fetchone() == (20,)
+    assert read_topic(cfg, cfg.kafka.dlq_topic(cfg.kafka.embeddings_topic), timeout=3) == []
+
+
+def test_delete_message_through_the_worker_is_applied_and_audited(migrated: Any) -> None:
+    """A delete on the embeddings topic removes the document's rows and leaves an audit row."""
+    cfg = migrated
+    producer = DurableProducer(cfg.kafka)
+    for i in range(3):
+        r = row("gone", i, count=3)
+        emb = Embedding(Chunk(r.tenant_id, "gone", 1, i, 3, r.content, r.content_hash, 0, 1),
+                        r.embedding, "m", "r", "torch-fp32")
+        producer.produce(cfg.kafka.embeddings_topic, encode_embedding(emb),
+                         key=b"default/gone", headers=schema_headers(EMBEDDING))
+    producer.produce(cfg.kafka.embeddings_topic, encode_delete(Delete("default", "gone")),
+                     key=b"default/gone", headers=schema_headers(DELETE))
+    producer.flush()
+    assert run_stage("write", cfg, until_idle_s=3) == 0
+    with connect(cfg.database) as conn:
+        assert conn.execute("SELECT count(*) FROM chunks").fetchone() == (0,)
+        audit = conn.execute("SELECT action, doc_id FROM audit_log").fetchall()
+    assert audit == [("delete_document", "gone")]
+
+
+def test_psycopg_pool_registers_vector_types(store: Store) -> None:
+    """Connections from the pool read vectors as pgvector objects (register_vector in configure)."""
+    store.apply([row("a", 0)], [])
+    with store.pool.connection() as conn:
+        r = conn.execute("SELECT embedding FROM chunks").fetchone()
+    assert r is not None and r[0].to_numpy().shape == (384,)
+    assert isinstance(psycopg.__version__, str)
