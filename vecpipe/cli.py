@@ -8,6 +8,7 @@ stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -18,7 +19,16 @@ from typing import Any
 
 from vecpipe.config import Config, ConfigError, Unreachable, load_config
 
-__all__ = ["main"]
+__all__ = [
+    "CommandError",
+    "add_db_flags",
+    "add_kafka_flags",
+    "add_model_flags",
+    "add_worker_flags",
+    "build_parser",
+    "config_from_args",
+    "main",
+]
 
 EXIT_USAGE = 2
 
@@ -36,7 +46,7 @@ def _home(args: argparse.Namespace, cfg: Config | None = None) -> Path:
     return Path((cfg or load_config()).ops.home)
 
 
-def _config(args: argparse.Namespace, **sections: dict[str, Any]) -> Config:
+def config_from_args(args: argparse.Namespace, **sections: dict[str, Any]) -> Config:
     overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in sections.items()}
     for flag, (section, name) in _COMMON_FLAGS.items():
         value = getattr(args, flag, None)
@@ -60,23 +70,23 @@ _COMMON_FLAGS = {
 }
 
 
-def _add_kafka(p: argparse.ArgumentParser) -> None:
+def add_kafka_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (VECPIPE_KAFKA_BOOTSTRAP)")
 
 
-def _add_db(p: argparse.ArgumentParser) -> None:
+def add_db_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--database-url", help="PostgreSQL URL (VECPIPE_DATABASE_URL)")
     p.add_argument("--schema", help="database schema (VECPIPE_DB_SCHEMA)")
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="sentence-transformers model folder or name (VECPIPE_MODEL)")
     p.add_argument("--device", choices=["cpu", "cuda", "mps", "auto"])
     p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"])
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
 
 
-def _add_worker(p: argparse.ArgumentParser) -> None:
+def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until-idle", type=float, metavar="SECONDS",
                    help="exit 0 once nothing has arrived for this long")
     p.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz here")
@@ -117,7 +127,7 @@ def cmd_services(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from vecpipe.migrate import migrate
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     applied = migrate(cfg, with_index=not args.no_index)
     print(f"migrations applied: {', '.join(applied) if applied else 'none (up to date)'}")
     if not args.no_index and cfg.vector.index != "none":
@@ -132,7 +142,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_produce(args: argparse.Namespace) -> int:
     from producers.cli import produce
 
-    cfg = _config(args, produce={"chunker": args.chunker, "chunk_size": args.chunk_size,
+    cfg = config_from_args(args, produce={"chunker": args.chunker, "chunk_size": args.chunk_size,
                                  "chunk_overlap": args.chunk_overlap})
     return produce(cfg, args.paths, include=args.include or ["*"], exclude=args.exclude or [],
                    dry_run=args.dry_run, progress=not args.quiet)
@@ -151,14 +161,14 @@ def cmd_demo_corpus(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from workers.run import run_embed
 
-    cfg = _config(args, embed={"batch_size": args.batch_size})
+    cfg = config_from_args(args, embed={"batch_size": args.batch_size})
     return run_embed(cfg, until_idle_s=args.until_idle)
 
 
 def cmd_write(args: argparse.Namespace) -> int:
     from workers.run import run_write
 
-    cfg = _config(args, write={"batch_size": args.batch_size})
+    cfg = config_from_args(args, write={"batch_size": args.batch_size})
     return run_write(cfg, until_idle_s=args.until_idle)
 
 
@@ -169,7 +179,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from vecpipe.model import Encoder
     from vecpipe.search import Searcher
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     filters = json.loads(args.filter) if args.filter else None
     if filters is not None and not isinstance(filters, dict):
         raise CommandError("--filter must be a JSON object, e.g. '{\"lang\": \"en\"}'.")
@@ -216,14 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_services)
 
     p = sub.add_parser("migrate", help="apply sql/ migrations and create the vector index")
-    _add_db(p)
+    add_db_flags(p)
     p.add_argument("--no-index", action="store_true",
                    help="skip the vector index (bulk backfill: build it later)")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("produce", help="chunk files, directories or JSONL and publish them")
     p.add_argument("paths", nargs="+", help="files, directories, or - for JSONL on stdin")
-    _add_kafka(p)
+    add_kafka_flags(p)
     p.add_argument("--tenant", help="tenant of the documents (VECPIPE_TENANT)")
     p.add_argument("--model", help="model whose tokenizer sizes the chunks")
     p.add_argument("--include", action="append", help="glob of files to take (repeatable)")
@@ -241,16 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_corpus)
 
     p = sub.add_parser("embed", help="run the embedding worker")
-    _add_kafka(p)
-    _add_db(p)
-    _add_model(p)
-    _add_worker(p)
+    add_kafka_flags(p)
+    add_db_flags(p)
+    add_model_flags(p)
+    add_worker_flags(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("write", help="run the writer worker")
-    _add_kafka(p)
-    _add_db(p)
-    _add_worker(p)
+    add_kafka_flags(p)
+    add_db_flags(p)
+    add_worker_flags(p)
     p.set_defaults(func=cmd_write)
 
     p = sub.add_parser("search", help="search the chunks of a tenant")
@@ -261,17 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ef-search", type=int)
     p.add_argument("--explain", action="store_true", help="print EXPLAIN (ANALYZE, BUFFERS)")
     p.add_argument("--json", action="store_true")
-    _add_db(p)
-    _add_model(p)
+    add_db_flags(p)
+    add_model_flags(p)
     p.set_defaults(func=cmd_search)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
-# Later modules (dlq, index, bench, ...) register their subcommands here.
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+# Modules that add their own subcommands with ``register(subparsers)``; each handler they set
+# with ``set_defaults(func=...)`` takes the parsed arguments and returns the exit status.
+_COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
