@@ -73,17 +73,23 @@ def run_embed(cfg: Config, until_idle_s: float | None = None,
     cache: VectorCache | None = None
     pool = None
     if cfg.embed.reuse_vectors:
+        from vecpipe.config import Unreachable
         from vecpipe.db import make_pool
         from vecpipe.store import Store
 
-        pool = make_pool(cfg.database, name="vecpipe-embed-cache")
-        store = Store(cfg, pool)
+        try:
+            pool = make_pool(cfg.database, name="vecpipe-embed-cache")
+        except Unreachable as exc:
+            # Reuse only saves model time; embedding goes on without it, loudly.
+            get_logger(stage="embed").warning("vector_reuse_off", reason=str(exc))
+        else:
+            store = Store(cfg, pool)
 
-        class _Cache:
-            def lookup(self, hashes: Any, model: str, revision: str, backend: str) -> Any:
-                return store.cached_vectors(hashes, model, revision, backend)
+            class _Cache:
+                def lookup(self, hashes: Any, model: str, revision: str, backend: str) -> Any:
+                    return store.cached_vectors(hashes, model, revision, backend)
 
-        cache = _Cache()
+            cache = _Cache()
 
     def make(producer: DurableProducer, dl: DeadLetters, guard: DeadLetterGuard,
              metrics: Metrics, log: Any) -> Processor:
