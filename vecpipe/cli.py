@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommands with ``register(subparsers)``; each handler they set
 # with ``set_defaults(func=...)`` takes the parsed arguments and returns the exit status.
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("vecpipe.status",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
