@@ -451,7 +451,8 @@ def load_tokenizer(model_path_or_name: str) -> Tokenizer:
     """Load (once per process) only the tokenizer of a model folder or hub name, never weights."""
     from transformers import AutoTokenizer
 
-    tokenizer: Tokenizer = AutoTokenizer.from_pretrained(model_path_or_name)
+    tokenizer: Tokenizer = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call,unused-ignore]
+        model_path_or_name)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"the tokenizer of {model_path_or_name!r} is not a fast tokenizer; token chunking "
