@@ -157,7 +157,6 @@ class EmbedConfig:
     batch_size: int = 64
     batch_tokens: int = 8192
     batch_wait_ms: int = 200
-    max_in_flight: int = 2048
     # Reuse vectors already stored for the same content and model instead of running the model.
     reuse_vectors: bool = True
 
@@ -403,7 +402,6 @@ def validate(cfg: Config) -> Config:
     _positive("embed.batch_size (VECPIPE_EMBED_BATCH_SIZE)", e.batch_size)
     _positive("embed.batch_tokens (VECPIPE_EMBED_BATCH_TOKENS)", e.batch_tokens)
     _positive("embed.batch_wait_ms (VECPIPE_EMBED_BATCH_WAIT_MS)", e.batch_wait_ms, 0)
-    _positive("embed.max_in_flight (VECPIPE_EMBED_MAX_IN_FLIGHT)", e.max_in_flight, e.batch_size)
     _positive("write.batch_size (VECPIPE_WRITE_BATCH_SIZE)", cfg.write.batch_size)
     _positive("write.batch_wait_ms (VECPIPE_WRITE_BATCH_WAIT_MS)", cfg.write.batch_wait_ms, 0)
     p = cfg.produce

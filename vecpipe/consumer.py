@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
@@ -175,7 +175,6 @@ class BatchConsumer:
         self.consumer = Consumer(
             consumer_config(kafka, group, stats_cb=self._on_stats, error_cb=self._on_error)
         )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vecpipe-batch")
         self._inflight: tuple[Batch, Future[list[Message]], float] | None = None
         self._pending: list[Message] = []
         self._pending_weight = 0
@@ -281,7 +280,7 @@ class BatchConsumer:
         batch = Batch(self._pending)
         self._pending, self._pending_weight, self._pending_since = [], 0, None
         self.metrics.queue_depth.labels(self.metrics.stage).set(len(batch.messages))
-        self._inflight = (batch, self._executor.submit(self.processor.process, batch),
+        self._inflight = (batch, _in_daemon_thread(self.processor.process, batch),
                           time.monotonic())
 
     def _batch_full(self) -> bool:
@@ -356,12 +355,19 @@ class BatchConsumer:
         return code
 
     def _drain(self) -> int:
-        """Finish the batch under way and whatever is pending, within the grace period."""
+        """Finish the batch under way and whatever is pending, within the grace period.
+
+        A batch that outlasts the grace period is abandoned: its offsets are not stored, so the
+        next owner of its partitions processes it again, and the process still exits 0.
+        """
         deadline = time.monotonic() + self.grace_s
-        self._finish_inflight(wait=True, timeout=max(0.1, deadline - time.monotonic()))
-        if self._pending and time.monotonic() < deadline:
-            self._submit()
+        try:
             self._finish_inflight(wait=True, timeout=max(0.1, deadline - time.monotonic()))
+            if self._pending and time.monotonic() < deadline:
+                self._submit()
+                self._finish_inflight(wait=True, timeout=max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            self.log.warning("batch_abandoned", grace_s=self.grace_s)
         return 0
 
     def _close(self, commit: bool) -> None:
@@ -369,11 +375,25 @@ class BatchConsumer:
             if commit:
                 self._commit()
         finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
             try:
                 self.consumer.close()
             except Exception as exc:
                 self.log.warning("consumer_close_failed", error=str(exc))
+
+
+def _in_daemon_thread(fn: Callable[[Batch], list[Message]], batch: Batch) -> Future[list[Message]]:
+    """Run ``fn(batch)`` in a daemon thread: an abandoned batch must not hold the exit."""
+    fut: Future[list[Message]] = Future()
+
+    def run() -> None:
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn(batch))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+    threading.Thread(target=run, name="vecpipe-batch", daemon=True).start()
+    return fut
 
 
 def offsets_committed(kafka: KafkaConfig, group: str, topic: str) -> dict[int, int]:

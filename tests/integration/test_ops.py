@@ -68,8 +68,13 @@ def test_worker_serves_health_and_metrics_and_drains_on_sigterm(migrated: Any) -
     try:
         wait_for(lambda: get(f"{base}/readyz")[0] == 200, 120, "readiness")
         assert get(f"{base}/healthz")[0] == 200
-        wait_for(lambda: 'vecpipe_messages_total{outcome="ok",stage="embed"} 30.0'
-                 in get(f"{base}/metrics")[1], 120, "30 chunks counted in /metrics")
+        def counted() -> bool:
+            body = get(f"{base}/metrics")[1]
+            # The loop observes a batch's duration once it collected it, just after the count.
+            return ('vecpipe_messages_total{outcome="ok",stage="embed"} 30.0' in body
+                    and 'vecpipe_batch_seconds_count{stage="embed"} 0.0' not in body)
+
+        wait_for(counted, 120, "30 chunks counted in /metrics")
         metrics = get(f"{base}/metrics")[1]
         for name in ("vecpipe_batch_seconds_bucket", "vecpipe_encode_seconds_count",
                      "vecpipe_batch_size_count", "vecpipe_dead_letters_total"):
