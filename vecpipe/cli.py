@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommands with ``register(subparsers)``; each handler they set
 # with ``set_defaults(func=...)`` takes the parsed arguments and returns the exit status.
-_COMMAND_MODULES: tuple[str, ...] = ("vecpipe.status",)
+_COMMAND_MODULES: tuple[str, ...] = ("vecpipe.status", "workers.dlq", "vecpipe.bench")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -309,4 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m vecpipe.cli`, this file is __main__; registered modules import
+    # vecpipe.cli again, so use that copy's main, whose except clauses know their errors.
+    from vecpipe.cli import main as _main
+
+    sys.exit(_main())

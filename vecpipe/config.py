@@ -84,6 +84,9 @@ class KafkaConfig:
     dlq_suffix: str = ".dlq"
     partitions: int = 4
     replication_factor: int = 1
+    # Dead letters keep their original timestamps, so time-based retention would count from the
+    # original publish and could delete a fresh dead letter at once: keep them until replayed.
+    dlq_retention_ms: int = -1
     embed_group: str = "vecpipe-embed"
     write_group: str = "vecpipe-write"
     client: Mapping[str, str] = field(default_factory=dict)

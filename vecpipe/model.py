@@ -114,7 +114,10 @@ class Encoder:
         try:
             if cfg.backend == "torch":
                 model = SentenceTransformer(cfg.name, device=self.device, local_files_only=True)
-                if cfg.precision == "fp16":
+                # transformers 5 keeps a checkpoint's own dtype; the configured precision wins.
+                if cfg.precision == "fp32":
+                    model = model.float()
+                elif cfg.precision == "fp16":
                     model = model.half()
                 elif cfg.precision == "bf16":
                     import torch

@@ -49,8 +49,10 @@ def ensure_topics(
     missing = [t for t in dict.fromkeys(wanted) if t not in existing]
     if not missing:
         return
+    dlqs = {cfg.dlq_topic(t) for t in (cfg.chunks_topic, cfg.embeddings_topic)}
     futures = admin.create_topics(
-        [NewTopic(t, num_partitions=cfg.partitions, replication_factor=cfg.replication_factor)
+        [NewTopic(t, num_partitions=cfg.partitions, replication_factor=cfg.replication_factor,
+                  config={"retention.ms": str(cfg.dlq_retention_ms)} if t in dlqs else {})
          for t in missing],
         operation_timeout=timeout,
     )

@@ -1,0 +1,337 @@
+"""Dead-letter tooling without a broker: reading records, filters, replay headers, CLI flags."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from vecpipe.cli import CommandError, build_parser
+from vecpipe.config import DeadLetterConfig, KafkaConfig
+from vecpipe.consumer import StopFlag
+from vecpipe.deadletter import (
+    ERROR_PREFIXES,
+    H_CLASS,
+    H_FIRST_FAILED,
+    H_REPLAYS,
+    H_TOPIC,
+    DeadLetters,
+)
+from vecpipe.messages import load_schema
+from workers.dlq import _filters, render_replay_summary
+from workers.dlq_inspect import InspectSummary, render_row, render_summary, table_header
+from workers.dlq_records import (
+    DeadLetter,
+    Decision,
+    Filters,
+    decide,
+    format_age,
+    parse_key_pattern,
+    parse_offsets,
+    parse_time,
+    replay_headers,
+)
+from workers.dlq_replay import ReplaySummary, _Pacer, _Targets, default_group
+
+NOW = datetime(2024, 5, 1, 3, 0, tzinfo=UTC)
+ORIGINAL_HEADERS = [("vecpipe.schema", b"vecpipe.chunk"), ("vecpipe.schema.version", b"1"),
+                    ("trace-id", b"abc")]
+
+
+@dataclass
+class Record:
+    """A consumed record, as confluent_kafka.Message shows it."""
+
+    topic_: str = "vecpipe.chunks"
+    partition_: int = 2
+    offset_: int = 41
+    key_: bytes | None = b"acme/doc-7"
+    value_: bytes | None = b'{"text": "hello"}'
+    headers_: list[tuple[str, bytes]] = field(default_factory=lambda: list(ORIGINAL_HEADERS))
+    timestamp_: tuple[int, int] = (1, 1_714_500_000_000)
+
+    def topic(self) -> str:
+        return self.topic_
+
+    def partition(self) -> int:
+        return self.partition_
+
+    def offset(self) -> int:
+        return self.offset_
+
+    def key(self) -> bytes | None:
+        return self.key_
+
+    def value(self) -> bytes | None:
+        return self.value_
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self.headers_
+
+    def timestamp(self) -> tuple[int, int]:
+        return self.timestamp_
+
+
+class CapturingProducer:
+    """Keeps what DeadLetters.send produces, as records of the dead-letter topic."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None = None,
+                headers: Any = None, timestamp: int | None = None, **_: Any) -> None:
+        self.records.append(Record(topic, 0, len(self.records), key, value, list(headers),
+                                   (1, timestamp or 0)))
+
+
+def dead_letter_of(record: Record, exc: BaseException, stage: str = "embed") -> DeadLetter:
+    """Send ``record`` through the real DeadLetters and read back what landed on the DLQ."""
+    producer = CapturingProducer()
+    DeadLetters(producer, KafkaConfig(), stage, "w-1").send(record, exc)  # type: ignore[arg-type]
+    return DeadLetter.of(producer.records[0])
+
+
+def test_dead_letter_reads_every_error_header() -> None:
+    """A record written by DeadLetters.send reads back with its origin, error, stage and key."""
+    dead = dead_letter_of(Record(), ValueError("the vector has 128 dimensions"))
+    assert (dead.topic, dead.original_topic) == ("vecpipe.chunks.dlq", "vecpipe.chunks")
+    assert (dead.original_partition, dead.original_offset) == (2, 41)
+    assert dead.error_class == "builtins.ValueError"
+    assert dead.short_class == "ValueError"
+    assert dead.error_message == "the vector has 128 dimensions"
+    assert (dead.stage, dead.worker, dead.attempts, dead.replays) == ("embed", "w-1", 1, 0)
+    assert dead.key_text == "acme/doc-7"
+    assert dead.timestamp_ms == 1_714_500_000_000
+    assert dead.first_failed_at is not None
+    assert dead.age(dead.first_failed_at + timedelta(minutes=5)) == timedelta(minutes=5)
+
+
+def test_record_without_error_headers_reads_as_empty_values() -> None:
+    """A hand-produced record on a dead-letter topic does not break inspect."""
+    dead = DeadLetter.of(Record(headers_=[(H_REPLAYS, b"x")], timestamp_=(0, -1)))
+    assert (dead.original_topic, dead.error_class, dead.replays) == (None, "", 0)
+    assert dead.failed_at is None and dead.age(NOW) is None
+    assert decide(dead, Filters(), 3, None) == (Decision.SKIP_NO_ORIGIN, None)
+    assert decide(dead, Filters(), 3, "elsewhere") == (Decision.REPLAY, "elsewhere")
+
+
+def test_replay_headers_keep_originals_and_first_failure_and_count_one_more() -> None:
+    """Replay drops the last failure's headers, keeps the original ones, first-failed-at, +1."""
+    dead = dead_letter_of(Record(), ValueError("boom"))
+    headers = replay_headers(dead)
+    assert [h for h in headers if h[0] not in (H_FIRST_FAILED, H_REPLAYS)] == ORIGINAL_HEADERS
+    assert dict(headers)[H_FIRST_FAILED] == dict(dead.headers)[H_FIRST_FAILED]
+    assert dict(headers)[H_REPLAYS] == b"1"
+    assert [k for k, _ in headers if k.startswith(ERROR_PREFIXES)] == [H_FIRST_FAILED]
+
+
+def test_failing_again_after_replay_keeps_first_failure_and_replay_count() -> None:
+    """fail -> replay -> fail again: one set of error headers, replay count 1, the first time."""
+    first = dead_letter_of(Record(), ValueError("first"))
+    replayed = Record(headers_=replay_headers(first), offset_=99)
+    second = dead_letter_of(replayed, KeyError("second"), stage="write")
+    assert second.replays == 1
+    assert second.first_failed_at == first.first_failed_at
+    assert (second.error_class, second.stage, second.original_offset) == (
+        "builtins.KeyError", "write", 99)
+    assert [k for k, _ in second.headers].count(H_CLASS) == 1
+    again = replay_headers(second)
+    assert dict(again)[H_REPLAYS] == b"2"
+    assert [k for k, _ in again].count(H_REPLAYS) == 1
+    added = {k: v.decode() for k, v in second.headers if k.startswith(ERROR_PREFIXES)
+             or k.startswith("__connect.") or k == H_REPLAYS}
+    Draft202012Validator(load_schema("dead-letter-headers.v1.json")).validate(added)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2h", NOW - timedelta(hours=2)),
+    ("90s", NOW - timedelta(seconds=90)),
+    ("1d12h", NOW - timedelta(hours=36)),
+    ("1w", NOW - timedelta(days=7)),
+    ("1.5h", NOW - timedelta(minutes=90)),
+    ("2024-04-30T12:00:00Z", datetime(2024, 4, 30, 12, tzinfo=UTC)),
+    ("2024-04-30T12:00:00", datetime(2024, 4, 30, 12, tzinfo=UTC)),
+    ("2024-04-30T14:00:00+02:00", datetime(2024, 4, 30, 12, tzinfo=UTC)),
+    ("2024-04-30", datetime(2024, 4, 30, tzinfo=UTC)),
+])
+def test_parse_time_takes_durations_and_iso_times(text: str, expected: datetime) -> None:
+    """--since/--until accept a duration back from now or an ISO time (UTC unless stated)."""
+    assert parse_time(text, NOW) == expected
+
+
+@pytest.mark.parametrize("text", ["yesterday", "2x", "", "12"])
+def test_parse_time_rejects_other_text_with_a_sentence(text: str) -> None:
+    """A wrong --since names the flag and shows both accepted forms."""
+    with pytest.raises(ValueError, match=r"--since .* ISO 8601 .* duration"):
+        parse_time(text, NOW)
+
+
+def test_parse_offsets() -> None:
+    """--offsets takes A-B inclusive, A- open-ended and a single A; refuses B < A and text."""
+    assert parse_offsets("100-250") == (100, 250)
+    assert parse_offsets(" 7 - 9 ") == (7, 9)
+    assert parse_offsets("100-") == (100, None)
+    assert parse_offsets("5") == (5, 5)
+    with pytest.raises(ValueError, match="ends before it starts"):
+        parse_offsets("9-7")
+    with pytest.raises(ValueError, match="A-B"):
+        parse_offsets("a-b")
+
+
+def test_key_pattern_is_a_glob_or_a_marked_regex() -> None:
+    """A glob matches the whole key; re:EXPR and /EXPR/ are searched; a bad regex is a sentence."""
+    glob = parse_key_pattern("acme/*")
+    assert glob("acme/doc-1") and not glob("other/acme/doc-1")
+    assert parse_key_pattern("re:doc-[0-9]+$")("acme/doc-12")
+    assert not parse_key_pattern("/^doc/")("acme/doc-12")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        parse_key_pattern("re:(")
+
+
+def test_filters_combine_and_each_one_excludes() -> None:
+    """Every filter that is set must match; an unset one lets everything through."""
+    dead = DeadLetter.of(Record(
+        topic_="vecpipe.chunks.dlq", partition_=1, offset_=10,
+        headers_=[(H_CLASS, b"vecpipe.faults.PermanentError"), (H_TOPIC, b"vecpipe.chunks"),
+                  (H_FIRST_FAILED, (NOW - timedelta(hours=1)).isoformat().encode())]))
+    assert Filters().matches(dead) and not Filters().active
+    everything = Filters(error_class="permanenterror", since=NOW - timedelta(hours=2),
+                         until=NOW, partitions=frozenset({1}), offsets=(5, 10),
+                         key_pattern="acme/*")
+    assert everything.active and everything.matches(dead)
+    for miss in (Filters(error_class="InvalidMessage"), Filters(since=NOW - timedelta(minutes=5)),
+                 Filters(until=NOW - timedelta(hours=3)), Filters(partitions=frozenset({0})),
+                 Filters(offsets=(11, None)), Filters(offsets=(0, 9)),
+                 Filters(key_pattern="other/*")):
+        assert not miss.matches(dead), miss
+    assert Filters(offsets=(0, 9)).past_end(1, 10)
+    assert not Filters(offsets=(0, None)).past_end(1, 10**9)
+
+
+def test_decide_stops_loops_at_max_replays() -> None:
+    """A record replayed max_replays times stays put; --to overrides the original topic."""
+    dead = DeadLetter.of(Record(headers_=[(H_TOPIC, b"vecpipe.chunks"), (H_REPLAYS, b"2")]))
+    assert decide(dead, Filters(), 3, None) == (Decision.REPLAY, "vecpipe.chunks")
+    assert decide(dead, Filters(), 3, "scratch") == (Decision.REPLAY, "scratch")
+    assert decide(dead, Filters(), 2, None) == (Decision.SKIP_MAX_REPLAYS, None)
+    assert decide(dead, Filters(error_class="nope"), 2, None) == (Decision.SKIP_FILTER, None)
+
+
+def test_format_age() -> None:
+    """Ages read at a glance."""
+    assert [format_age(timedelta(seconds=s)) for s in (5, 125, 3 * 3600 + 300, 2 * 86_400 + 7200)
+            ] == ["5s", "2m", "3h05m", "2d02h"]
+    assert format_age(None) == "?"
+
+
+def test_inspect_row_table_and_json() -> None:
+    """A table row shows position, age, stage, class, origin, tries, replays, key, message;
+    --json gives every field."""
+    dead = dead_letter_of(Record(), ValueError("wrong\ndimension"))
+    now = (dead.first_failed_at or NOW) + timedelta(minutes=3)
+    line = render_row(dead, now)
+    for part in ("0:0", "3m", "embed", "ValueError", "vecpipe.chunks[2]@41", "acme/doc-7",
+                 "wrong dimension"):
+        assert part in line, part
+    assert len(table_header().split("  ")) >= 9
+    obj = json.loads(render_row(dead, now, as_json=True))
+    assert obj["error_class"] == "builtins.ValueError"
+    assert (obj["original_topic"], obj["original_partition"], obj["original_offset"]) == (
+        "vecpipe.chunks", 2, 41)
+    assert (obj["attempts"], obj["replays"], obj["age_s"]) == (1, 0, 180.0)
+
+
+def test_inspect_summary_counts_by_error_class() -> None:
+    """The footer counts matching records by error class, most frequent first."""
+    s = InspectSummary("t.dlq", on_topic=5, matched=5, listed=2)
+    s.by_class.update({"a.Rare": 1, "b.Common": 4})
+    s.by_stage.update({"embed": 5})
+    s.max_replays_reached = 1
+    text = "\n".join(render_summary(s, Filters(), 3, limit=2))
+    assert "5 record(s) on t.dlq" in text and "2 listed (--limit 2)" in text
+    assert text.index("b.Common") < text.index("a.Rare")
+    assert "4  b.Common" in text
+    assert "dead_letter.max_replays" in text
+
+
+def test_replay_summary_reads_for_an_operator() -> None:
+    """The replay summary says how it ended and counts every kind of skip."""
+    s = ReplaySummary("t.dlq", default_group("t.dlq"), dry_run=True, max_replays=3,
+                      replayed=2, skipped_filter=1, skipped_max_replays=1, ended="limit")
+    s.by_class["x.Err"] = 2
+    s.targets["t"] = 2
+    text = "\n".join(render_replay_summary(s))
+    assert "DRY RUN" in text and "--limit" in text and "vecpipe-dlq-replay.t.dlq" in text
+    assert "already replayed 3 time(s)" in text and "x.Err" in text
+    assert s.to_json()["skipped_max_replays"] == 1
+
+
+def test_cli_flags_parse_into_filters() -> None:
+    """Repeated and comma-separated --partition add up; times and offsets parse."""
+    args = build_parser().parse_args([
+        "dlq", "replay", "chunks", "--partition", "0,2", "--partition", "3", "--since", "2h",
+        "--offsets", "4-8", "--error-class", "Permanent", "--rate", "2.5", "--limit", "3"])
+    filters = _filters(args)
+    assert filters.partitions == frozenset({0, 2, 3})
+    assert filters.offsets == (4, 8)
+    assert filters.since is not None
+    assert (args.rate, args.limit) == (2.5, 3)
+
+
+def test_cli_rejects_wrong_values_with_sentences(capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad numbers stop argparse; bad times and ranges are CommandErrors naming the flag."""
+    parser = build_parser()
+    for bad in (["--rate", "0"], ["--limit", "-1"], ["--partition", "x"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["dlq", "replay", "chunks", *bad])
+    with pytest.raises(CommandError, match="--until"):
+        _filters(parser.parse_args(["dlq", "inspect", "chunks", "--until", "soon"]))
+    with pytest.raises(CommandError, match="after --until"):
+        _filters(parser.parse_args(["dlq", "inspect", "chunks", "--since", "1h",
+                                    "--until", "2h"]))
+
+
+def test_pacer_holds_the_rate_and_yields_to_stop() -> None:
+    """--rate 50 spaces records 20 ms apart; a stop ends the wait at once."""
+    stop = StopFlag()
+    pacer = _Pacer(50, stop)
+    started = time.monotonic()
+    for _ in range(6):
+        pacer.wait()
+    assert time.monotonic() - started >= 0.09
+    stop.set()
+    slow = _Pacer(0.01, stop)
+    slow.wait()
+    started = time.monotonic()
+    slow.wait()
+    assert time.monotonic() - started < 1.0
+
+
+def test_dead_letter_config_default_allows_replays() -> None:
+    """max_replays defaults to a small positive number: loops stop after a few rounds."""
+    assert 1 <= DeadLetterConfig().max_replays <= 5
+
+
+def test_replay_refuses_targets_that_loop_or_would_delete_the_record() -> None:
+    """The source itself and a retention shorter than the record's age
+    (with an hour to spare) each halt the replay with a sentence; infinite retention is fine."""
+
+    class Known(_Targets):
+        def __init__(self) -> None:
+            self.source = "t.dlq"
+            self.existing = {"t", "short", "forever"}
+            self._retention = {"t": 7 * 86_400_000, "short": 2 * 3_600_000, "forever": None}
+
+    now_ms = 1_714_500_000_000
+    dead = DeadLetter.of(Record(timestamp_=(1, now_ms - 90 * 60_000)))
+    targets = Known()
+    assert targets.problem(dead, "t", now_ms) is None
+    assert targets.problem(dead, "forever", now_ms) is None
+    assert "would be deleted" in (targets.problem(dead, "short", now_ms) or "")
+    assert "retention.ms=7200000" in (targets.problem(dead, "short", now_ms) or "")
+    assert "itself" in (targets.problem(dead, "t.dlq", now_ms) or "")
