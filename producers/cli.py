@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from producers.chunking import chunk_document, make_chunker
+from producers.chunking import (
+    chunk_document,
+    load_tokenizer,
+    make_chunker,
+    max_seq_length_of,
+    truncation_report,
+)
 from producers.readers import ReadFailure, iter_documents
 from vecpipe.config import Config
 from vecpipe.messages import Chunk, Document
@@ -27,6 +33,7 @@ class ProduceSummary:
     empty: int = 0
     failures: list[ReadFailure] = field(default_factory=list)
     chunk_chars: list[int] = field(default_factory=list)
+    chunk_texts: list[str] = field(default_factory=list)
 
     def line(self, seconds: float) -> str:
         """One line for the end of the run."""
@@ -69,6 +76,7 @@ def produce(cfg: Config, paths: Sequence[str], *, include: Sequence[str] = ("*",
                 chunks = chunk_document(item, splitter)
                 n = len(chunks)
                 summary.chunk_chars.extend(len(c.text) for c in chunks)
+                summary.chunk_texts.extend(c.text for c in chunks)
             summary.documents += 1
             summary.chunks += n
             summary.empty += n == 0
@@ -85,4 +93,12 @@ def produce(cfg: Config, paths: Sequence[str], *, include: Sequence[str] = ("*",
         print(f"chunk characters: min {min(sizes)}, median {statistics.median(sizes):.0f}, "
               f"max {max(sizes)} ({cfg.produce.chunker} chunker, size {cfg.produce.chunk_size}, "
               f"overlap {cfg.produce.chunk_overlap})")
+        # What the model would silently cut off: zero for the token-aware chunkers.
+        tokenizer = load_tokenizer(cfg.model.name)
+        limit = max_seq_length_of(cfg.model.name, tokenizer)
+        report = truncation_report(summary.chunk_texts, tokenizer, limit)
+        print(f"model tokens: {report['tokens']} in {report['chunks']} chunks, max "
+              f"{report['max_tokens']} per chunk; {report['tokens_lost']} tokens in "
+              f"{report['truncated_chunks']} chunks past the model's {limit}-token limit "
+              "would be silently truncated")
     return 1 if summary.failures else 0
