@@ -13,12 +13,13 @@ import hashlib
 import json
 import struct
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
+import fastjsonschema
 import numpy as np
 import numpy.typing as npt
 from jsonschema import Draft202012Validator
@@ -269,12 +270,27 @@ def header_value(headers: HeaderLike, name: str) -> str | None:
     return found
 
 
+@cache
+def _compiled(name: str, version: int) -> Callable[[Any], Any]:
+    # fastjsonschema compiles the same schema files to Python: about 50 times faster than
+    # jsonschema's validator, which matters at GPU speeds and for the writer's throughput.
+    validate: Callable[[Any], Any] = fastjsonschema.compile(load_schema(SUPPORTED[name][version]))
+    return validate
+
+
 def _check(name: str, version: int, data: Any) -> None:
+    try:
+        _compiled(name, version)(data)
+        return
+    except fastjsonschema.JsonSchemaException as fast:
+        refusal = str(getattr(fast, "message", fast))
+    # Only invalid messages get here: jsonschema says precisely where and why.
     try:
         _validator(name, version).validate(data)
     except ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "the message"
         raise InvalidMessage(f"{name} v{version} is invalid at {where}: {exc.message}.") from None
+    raise InvalidMessage(f"{name} v{version} is invalid: {refusal}.")
 
 
 def encode_chunk(chunk: Chunk) -> bytes:
