@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -177,28 +176,40 @@ def cmd_write(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from vecpipe.db import make_pool
     from vecpipe.model import Encoder
-    from vecpipe.search import Searcher
+    from vecpipe.search import Searcher, SearchError, SearchPolicy
 
     cfg = config_from_args(args)
-    filters = json.loads(args.filter) if args.filter else None
+    try:
+        filters = json.loads(args.filter) if args.filter else None
+    except json.JSONDecodeError:
+        filters = []  # reported below, with the example
     if filters is not None and not isinstance(filters, dict):
         raise CommandError("--filter must be a JSON object, e.g. '{\"lang\": \"en\"}'.")
+    if args.k < 1:
+        raise CommandError(f"-k must be at least 1, got {args.k}.")
+    policy = SearchPolicy()
+    if args.exact_max_rows is not None:
+        policy = SearchPolicy(exact_max_rows=args.exact_max_rows)
     encoder = Encoder(cfg.model)
     pool = make_pool(cfg.database, name="vecpipe-search")
     try:
-        searcher = Searcher(cfg, pool, encoder)
+        searcher = Searcher(cfg, pool, encoder, policy)
         if args.explain:
-            print(searcher.explain(args.query, args.k, filters=filters, ef_search=args.ef_search))
+            print(searcher.explain(args.query, args.k, filters=filters, ef_search=args.ef_search,
+                                   strategy=args.strategy))
             return 0
-        started = time.perf_counter()
-        hits = searcher.search(args.query, args.k, filters=filters, ef_search=args.ef_search)
-        elapsed = (time.perf_counter() - started) * 1000
+        result = searcher.query(args.query, args.k, filters=filters, ef_search=args.ef_search,
+                                strategy=args.strategy)
+    except SearchError as exc:
+        raise CommandError(str(exc)) from None
     finally:
         pool.close()
+    hits = result.hits
     if args.json:
         print(json.dumps([h.__dict__ for h in hits], ensure_ascii=False, indent=2))
         return 0
-    print(f'top {len(hits)} for "{args.query}" (tenant {cfg.produce.tenant}, {elapsed:.0f} ms)')
+    print(f'top {len(hits)} for "{args.query}" (tenant {cfg.produce.tenant}, '
+          f"{result.elapsed_ms:.0f} ms; {result.strategy.describe()})")
     for rank, h in enumerate(hits, 1):
         snippet = " ".join(h.content.split())[:100]
         print(f"{rank:>3}. {h.distance:.4f}  {h.doc_id} #{h.chunk_index}  {snippet}")
@@ -268,7 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--tenant")
     p.add_argument("--filter", help="metadata filter, a JSON object matched with @>")
-    p.add_argument("--ef-search", type=int)
+    p.add_argument("--ef-search", type=int, help="HNSW ef_search (default: scaled to the "
+                   "share of rows the tenant and filters select)")
+    p.add_argument("--strategy", default="auto",
+                   choices=["auto", "exact", "tenant_index", "shared_index"],
+                   help="how to find the rows (default: chosen per query by row counts)")
+    p.add_argument("--exact-max-rows", type=int,
+                   help="matching rows up to which auto uses an exact scan (default 5000)")
     p.add_argument("--explain", action="store_true", help="print EXPLAIN (ANALYZE, BUFFERS)")
     p.add_argument("--json", action="store_true")
     add_db_flags(p)
@@ -282,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommands with ``register(subparsers)``; each handler they set
 # with ``set_defaults(func=...)`` takes the parsed arguments and returns the exit status.
-_COMMAND_MODULES: tuple[str, ...] = ("vecpipe.status", "workers.dlq", "vecpipe.bench")
+_COMMAND_MODULES: tuple[str, ...] = ("vecpipe.status", "workers.dlq",
+                                     "vecpipe.dbops")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,9 @@ __all__ = [
     "Migration",
     "MigrationError",
     "ensure_index",
+    "index_definition",
     "index_name",
+    "index_state",
     "load_migrations",
     "migrate",
     "render",
@@ -33,6 +35,8 @@ _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # psql variables: :"name" is an identifier, :name a value; '::' casts are left alone.
 _IDENT_VAR = re.compile(r'(?<!:):"([a-z_]+)"')
 _VALUE_VAR = re.compile(r"(?<![:\w]):([a-z_]+)\b")
+# :'name' is the variable as a quoted string literal.
+_LITERAL_VAR = re.compile(r"(?<!:):'([a-z_]+)'")
 
 
 class MigrationError(RuntimeError):
@@ -83,6 +87,14 @@ def render(text: str, idents: dict[str, str], values: dict[str, str]) -> str:
         name = m.group(1)
         return values.get(name, m.group(0))
 
+    def literal(m: re.Match[str]) -> str:
+        name = m.group(1)
+        known = {**values, **idents}
+        if name not in known:
+            return m.group(0)
+        return "'" + known[name].replace("'", "''") + "'"
+
+    text = _LITERAL_VAR.sub(literal, text)
     return _VALUE_VAR.sub(value, _IDENT_VAR.sub(ident, text))
 
 
@@ -97,6 +109,8 @@ def migrate(cfg: Config, *, with_index: bool = True, log: Any = None) -> list[st
     idents, values = variables(cfg)
     schema = sql.Identifier(cfg.database.schema)
     with connect(cfg.database, vector_types=False) as conn:
+        # Waiting for another pod's migration (and its index build) is not a slow query.
+        conn.execute("SET LOCAL statement_timeout = 0")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(cfg.database.schema),))
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
         conn.execute(sql.SQL(
@@ -134,9 +148,9 @@ def migrate(cfg: Config, *, with_index: bool = True, log: Any = None) -> list[st
             if log is not None:
                 log.info("migration_applied", migration=applied_now[-1])
         _check_column(conn, cfg)
+        if with_index and cfg.vector.index != "none":
+            _create_index_locked(conn, cfg)
         conn.commit()
-    if with_index and cfg.vector.index != "none":
-        ensure_index(cfg, concurrently=False)
     return applied_now
 
 
@@ -183,12 +197,45 @@ def index_definition(cfg: Config, *, concurrently: bool, name: str | None = None
     )
 
 
+def index_state(conn: psycopg.Connection[Any], schema: str, name: str) -> str | None:
+    """'valid', 'invalid' (a failed concurrent build left it), or None: no such index."""
+    row = conn.execute(
+        "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)",
+        (sql.Identifier(schema, name).as_string(conn),),
+    ).fetchone()
+    if row is None:
+        return None
+    return "valid" if row[0] else "invalid"
+
+
+def _create_index_locked(conn: psycopg.Connection[Any], cfg: Config) -> None:
+    """CREATE INDEX inside the migration's transaction, under its lock.
+
+    Two plain CREATE INDEX IF NOT EXISTS statements do not block each other (both take a SHARE
+    lock), so two pods would race for the name; the advisory lock serialises them. An INVALID
+    index of the same name (a failed concurrent build) would make IF NOT EXISTS skip silently,
+    leaving searches without an index: it is dropped and built again.
+    """
+    db = cfg.database
+    conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(
+        sql.Literal(db.maintenance_work_mem)))
+    conn.execute(sql.SQL("SET LOCAL max_parallel_maintenance_workers = {}").format(
+        sql.Literal(db.max_parallel_maintenance_workers)))
+    name = index_name(cfg)
+    if index_state(conn, db.schema, name) == "invalid":
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(db.schema, name)))
+    conn.execute(index_definition(cfg, concurrently=False))
+
+
 def ensure_index(cfg: Config, *, concurrently: bool) -> str:
-    """Create the configured vector index if it is missing; return its name."""
-    with connect(cfg.database, vector_types=False, autocommit=True) as conn:
-        conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(
-            sql.Literal(cfg.database.maintenance_work_mem)))
-        conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(
-            sql.Literal(cfg.database.max_parallel_maintenance_workers)))
-        conn.execute(index_definition(cfg, concurrently=concurrently))
+    """Create the configured vector index if it is missing (or invalid); return its name."""
+    if concurrently:
+        from vecpipe.indexes import build
+
+        return build(cfg).name
+    with connect(cfg.database, vector_types=False) as conn:
+        conn.execute("SET LOCAL statement_timeout = 0")
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(cfg.database.schema),))
+        _create_index_locked(conn, cfg)
+        conn.commit()
     return index_name(cfg)

@@ -21,6 +21,7 @@ import numpy.typing as npt
 import psycopg
 from pgvector import HalfVector, Vector
 from psycopg import sql
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from vecpipe.config import Config
@@ -216,7 +217,7 @@ class Store:
                     copy.write_row((
                         r.tenant_id, r.doc_id, r.chunk_index, r.doc_version, r.chunk_count,
                         bytes.fromhex(r.content_hash), r.content, r.char_start, r.char_end,
-                        r.source_uri, json.dumps(r.metadata), self._wrap(r.embedding),
+                        r.source_uri, Jsonb(r.metadata), self._wrap(r.embedding),
                         r.model_name, r.model_revision, r.model_backend, r.embedded_at,
                         r.published_at,
                     ))
@@ -279,14 +280,17 @@ class Store:
     def cached_vectors(
         self, hashes: Sequence[str], model: str, revision: str, backend: str
     ) -> dict[str, npt.NDArray[np.float32]]:
-        """Stored vectors for content hashes embedded by this exact model and backend."""
+        """Stored vectors for content hashes embedded by this exact model and backend.
+
+        Reuse crosses tenants (equal text, equal vector), so it goes through the SECURITY DEFINER
+        function of migration 0004, which returns hashes and vectors only: the embedder needs no
+        read access to chunks, and never sees another tenant's text or documents.
+        """
         if not hashes:
             return {}
         with self.pool.connection() as conn:
             rows = conn.execute(self._q(
-                "SELECT DISTINCT ON (content_hash) content_hash, embedding FROM {schema}.chunks"
-                " WHERE content_hash = ANY(%s) AND model_name = %s AND model_revision = %s"
-                " AND model_backend = %s"),
+                "SELECT content_hash, embedding FROM {schema}.cached_vectors(%s, %s, %s, %s)"),
                 ([bytes.fromhex(h) for h in hashes], model, revision, backend),
             ).fetchall()
         return {bytes(h).hex(): _as_array(v) for h, v in rows}
