@@ -147,6 +147,23 @@ def cmd_produce(args: argparse.Namespace) -> int:
                    dry_run=args.dry_run, progress=not args.quiet)
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    from producers.publisher import Publisher
+
+    cfg = config_from_args(args)
+    if "/" in args.tenant:
+        raise CommandError(f"tenant {args.tenant!r} contains '/', which tenant ids cannot.")
+    with Publisher(cfg, chunker=lambda doc: []) as pub:
+        if args.doc_id:
+            pub.delete(args.tenant, args.doc_id, version=args.version, reason=args.reason)
+        else:
+            pub.delete_tenant(args.tenant, reason=args.reason)
+    what = f"document {args.doc_id!r} of tenant" if args.doc_id else "every chunk of tenant"
+    print(f"delete of {what} {args.tenant!r} published to {cfg.kafka.chunks_topic}; the "
+          "workers apply it in order and record it in the audit log (vecpipe audit).")
+    return 0
+
+
 def cmd_demo_corpus(args: argparse.Namespace) -> int:
     from producers.demo_corpus import write_demo_corpus
 
@@ -255,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print chunk statistics only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("delete", help="delete a document or a whole tenant, end to end, audited")
+    p.add_argument("tenant")
+    p.add_argument("doc_id", nargs="?", help="omit to delete the whole tenant")
+    p.add_argument("--version", type=int, help="delete only this version and older ones")
+    p.add_argument("--reason", default="", help="recorded in the audit log, e.g. a ticket id")
+    add_kafka_flags(p)
+    p.set_defaults(func=cmd_delete)
 
     p = sub.add_parser("demo-corpus", help="write the stdlib docstrings as documents")
     p.add_argument("dir")

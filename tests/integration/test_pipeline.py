@@ -77,3 +77,27 @@ def test_unknown_model_stops_with_one_sentence_naming_the_setting(migrated: Any)
     assert proc.returncode == 2, proc.stderr
     assert "VECPIPE_MODEL" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_delete_commands_remove_a_document_and_a_tenant_end_to_end(
+    migrated: Any, encoder: Any
+) -> None:
+    """vecpipe delete removes a document, then a whole tenant, through both stages, audited."""
+    from tests.helpers import run_stage
+
+    cfg = migrated
+    with Publisher(cfg) as pub:
+        for tenant in ("acme", "other"):
+            for doc_id, text in DOCS.items():
+                pub.publish(Document(tenant, doc_id, text, version=1))
+    assert run_stage("embed", cfg, encoder=encoder) == 0
+    assert run_stage("write", cfg) == 0
+    run_cli(cfg, "delete", "acme", "json", "--reason", "ticket-1")
+    run_cli(cfg, "delete", "other", "--reason", "contract ended")
+    assert run_stage("embed", cfg, encoder=encoder) == 0
+    assert run_stage("write", cfg) == 0
+    with connect(cfg.database) as conn:
+        left = conn.execute("SELECT tenant_id, doc_id FROM chunks ORDER BY 1, 2").fetchall()
+    assert left == [("acme", "argparse"), ("acme", "sqlite3")]
+    audit = run_cli(cfg, "audit", "--json").stdout
+    assert "ticket-1" in audit and "contract ended" in audit
