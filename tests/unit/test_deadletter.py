@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
 
+from tests.fakes import FakeProducer, FakeRecord
 from vecpipe.config import DeadLetterConfig, KafkaConfig
 from vecpipe.deadletter import (
     ERROR_PREFIXES,
@@ -27,67 +27,7 @@ from vecpipe.deadletter import (
     DeadLetterRateExceeded,
     DeadLetters,
 )
-from vecpipe.messages import CHUNK, InvalidMessage, load_schema, schema_headers
-
-
-@dataclass
-class Produced:
-    """One message the fake producer was asked to send."""
-
-    topic: str
-    value: bytes | None
-    key: bytes | None
-    headers: list[tuple[str, bytes]]
-    timestamp: int | None
-
-
-@dataclass
-class FakeProducer:
-    """Records produce calls, like DurableProducer without a broker."""
-
-    sent: list[Produced] = field(default_factory=list)
-
-    def produce(self, topic: str, value: bytes | None, key: bytes | None = None,
-                headers: Any = None, timestamp: int | None = None) -> None:
-        self.sent.append(Produced(topic, value, key, list(headers or []), timestamp))
-
-    def flush(self) -> None:
-        pass
-
-
-@dataclass
-class FakeRecord:
-    """A consumed record, with the methods of confluent_kafka.Message that dead letters use."""
-
-    topic_: str = "vecpipe.chunks"
-    partition_: int = 2
-    offset_: int = 41
-    key_: bytes | None = b"acme/doc-1"
-    value_: bytes | None = b'{"not": "valid"'
-    headers_: list[tuple[str, bytes]] = field(default_factory=lambda: [
-        *schema_headers(CHUNK), ("traceparent", b"00-abc-def-01")])
-    timestamp_: tuple[int, int] = (1, 1_714_566_615_123)
-
-    def topic(self) -> str:
-        return self.topic_
-
-    def partition(self) -> int:
-        return self.partition_
-
-    def offset(self) -> int:
-        return self.offset_
-
-    def key(self) -> bytes | None:
-        return self.key_
-
-    def value(self) -> bytes | None:
-        return self.value_
-
-    def headers(self) -> list[tuple[str, bytes]]:
-        return self.headers_
-
-    def timestamp(self) -> tuple[int, int]:
-        return self.timestamp_
+from vecpipe.messages import InvalidMessage, load_schema
 
 
 def _dead_letters(producer: FakeProducer, stage: str = "embed") -> DeadLetters:

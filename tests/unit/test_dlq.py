@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
 
+from tests.fakes import FakeProducer, FakeRecord
 from vecpipe.cli import CommandError, build_parser
 from vecpipe.config import DeadLetterConfig, KafkaConfig
 from vecpipe.consumer import StopFlag
@@ -43,62 +44,24 @@ ORIGINAL_HEADERS = [("vecpipe.schema", b"vecpipe.chunk"), ("vecpipe.schema.versi
                     ("trace-id", b"abc")]
 
 
-@dataclass
-class Record:
-    """A consumed record, as confluent_kafka.Message shows it."""
-
-    topic_: str = "vecpipe.chunks"
-    partition_: int = 2
-    offset_: int = 41
-    key_: bytes | None = b"acme/doc-7"
-    value_: bytes | None = b'{"text": "hello"}'
-    headers_: list[tuple[str, bytes]] = field(default_factory=lambda: list(ORIGINAL_HEADERS))
-    timestamp_: tuple[int, int] = (1, 1_714_500_000_000)
-
-    def topic(self) -> str:
-        return self.topic_
-
-    def partition(self) -> int:
-        return self.partition_
-
-    def offset(self) -> int:
-        return self.offset_
-
-    def key(self) -> bytes | None:
-        return self.key_
-
-    def value(self) -> bytes | None:
-        return self.value_
-
-    def headers(self) -> list[tuple[str, bytes]]:
-        return self.headers_
-
-    def timestamp(self) -> tuple[int, int]:
-        return self.timestamp_
+def chunk_record(**fields: Any) -> FakeRecord:
+    """A consumed chunk record with ORIGINAL_HEADERS, as the dead-letter tooling finds it,
+    with ``fields`` replaced."""
+    record = FakeRecord(key_=b"acme/doc-7", value_=b'{"text": "hello"}',
+                        headers_=list(ORIGINAL_HEADERS), timestamp_=(1, 1_714_500_000_000))
+    return replace(record, **fields)
 
 
-class CapturingProducer:
-    """Keeps what DeadLetters.send produces, as records of the dead-letter topic."""
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    def produce(self, topic: str, value: bytes | None, key: bytes | None = None,
-                headers: Any = None, timestamp: int | None = None, **_: Any) -> None:
-        self.records.append(Record(topic, 0, len(self.records), key, value, list(headers),
-                                   (1, timestamp or 0)))
-
-
-def dead_letter_of(record: Record, exc: BaseException, stage: str = "embed") -> DeadLetter:
+def dead_letter_of(record: FakeRecord, exc: BaseException, stage: str = "embed") -> DeadLetter:
     """Send ``record`` through the real DeadLetters and read back what landed on the DLQ."""
-    producer = CapturingProducer()
+    producer = FakeProducer()
     DeadLetters(producer, KafkaConfig(), stage, "w-1").send(record, exc)  # type: ignore[arg-type]
-    return DeadLetter.of(producer.records[0])
+    return DeadLetter.of(producer.records()[0])
 
 
 def test_dead_letter_reads_every_error_header() -> None:
     """A record written by DeadLetters.send reads back with its origin, error, stage and key."""
-    dead = dead_letter_of(Record(), ValueError("the vector has 128 dimensions"))
+    dead = dead_letter_of(chunk_record(), ValueError("the vector has 128 dimensions"))
     assert (dead.topic, dead.original_topic) == ("vecpipe.chunks.dlq", "vecpipe.chunks")
     assert (dead.original_partition, dead.original_offset) == (2, 41)
     assert dead.error_class == "builtins.ValueError"
@@ -113,7 +76,7 @@ def test_dead_letter_reads_every_error_header() -> None:
 
 def test_record_without_error_headers_reads_as_empty_values() -> None:
     """A hand-produced record on a dead-letter topic does not break inspect."""
-    dead = DeadLetter.of(Record(headers_=[(H_REPLAYS, b"x")], timestamp_=(0, -1)))
+    dead = DeadLetter.of(chunk_record(headers_=[(H_REPLAYS, b"x")], timestamp_=(0, -1)))
     assert (dead.original_topic, dead.error_class, dead.replays) == (None, "", 0)
     assert dead.failed_at is None and dead.age(NOW) is None
     assert decide(dead, Filters(), 3, None) == (Decision.SKIP_NO_ORIGIN, None)
@@ -122,7 +85,7 @@ def test_record_without_error_headers_reads_as_empty_values() -> None:
 
 def test_replay_headers_keep_originals_and_first_failure_and_count_one_more() -> None:
     """Replay drops the last failure's headers, keeps the original ones, first-failed-at, +1."""
-    dead = dead_letter_of(Record(), ValueError("boom"))
+    dead = dead_letter_of(chunk_record(), ValueError("boom"))
     headers = replay_headers(dead)
     assert [h for h in headers if h[0] not in (H_FIRST_FAILED, H_REPLAYS)] == ORIGINAL_HEADERS
     assert dict(headers)[H_FIRST_FAILED] == dict(dead.headers)[H_FIRST_FAILED]
@@ -132,8 +95,8 @@ def test_replay_headers_keep_originals_and_first_failure_and_count_one_more() ->
 
 def test_failing_again_after_replay_keeps_first_failure_and_replay_count() -> None:
     """fail -> replay -> fail again: one set of error headers, replay count 1, the first time."""
-    first = dead_letter_of(Record(), ValueError("first"))
-    replayed = Record(headers_=replay_headers(first), offset_=99)
+    first = dead_letter_of(chunk_record(), ValueError("first"))
+    replayed = chunk_record(headers_=replay_headers(first), offset_=99)
     second = dead_letter_of(replayed, KeyError("second"), stage="write")
     assert second.replays == 1
     assert second.first_failed_at == first.first_failed_at
@@ -195,7 +158,7 @@ def test_key_pattern_is_a_glob_or_a_marked_regex() -> None:
 
 def test_filters_combine_and_each_one_excludes() -> None:
     """Every filter that is set must match; an unset one lets everything through."""
-    dead = DeadLetter.of(Record(
+    dead = DeadLetter.of(chunk_record(
         topic_="vecpipe.chunks.dlq", partition_=1, offset_=10,
         headers_=[(H_CLASS, b"vecpipe.faults.PermanentError"), (H_TOPIC, b"vecpipe.chunks"),
                   (H_FIRST_FAILED, (NOW - timedelta(hours=1)).isoformat().encode())]))
@@ -215,7 +178,7 @@ def test_filters_combine_and_each_one_excludes() -> None:
 
 def test_decide_stops_loops_at_max_replays() -> None:
     """A record replayed max_replays times stays put; --to overrides the original topic."""
-    dead = DeadLetter.of(Record(headers_=[(H_TOPIC, b"vecpipe.chunks"), (H_REPLAYS, b"2")]))
+    dead = DeadLetter.of(chunk_record(headers_=[(H_TOPIC, b"vecpipe.chunks"), (H_REPLAYS, b"2")]))
     assert decide(dead, Filters(), 3, None) == (Decision.REPLAY, "vecpipe.chunks")
     assert decide(dead, Filters(), 3, "scratch") == (Decision.REPLAY, "scratch")
     assert decide(dead, Filters(), 2, None) == (Decision.SKIP_MAX_REPLAYS, None)
@@ -232,7 +195,7 @@ def test_format_age() -> None:
 def test_inspect_row_table_and_json() -> None:
     """A table row shows position, age, stage, class, origin, tries, replays, key, message;
     --json gives every field."""
-    dead = dead_letter_of(Record(), ValueError("wrong\ndimension"))
+    dead = dead_letter_of(chunk_record(), ValueError("wrong\ndimension"))
     now = (dead.first_failed_at or NOW) + timedelta(minutes=3)
     line = render_row(dead, now)
     for part in ("0:0", "3m", "embed", "ValueError", "vecpipe.chunks[2]@41", "acme/doc-7",
@@ -328,7 +291,7 @@ def test_replay_refuses_targets_that_loop_or_would_delete_the_record() -> None:
             self._retention = {"t": 7 * 86_400_000, "short": 2 * 3_600_000, "forever": None}
 
     now_ms = 1_714_500_000_000
-    dead = DeadLetter.of(Record(timestamp_=(1, now_ms - 90 * 60_000)))
+    dead = DeadLetter.of(chunk_record(timestamp_=(1, now_ms - 90 * 60_000)))
     targets = Known()
     assert targets.problem(dead, "t", now_ms) is None
     assert targets.problem(dead, "forever", now_ms) is None

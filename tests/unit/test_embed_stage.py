@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from tests.fakes import FakeProducer, FakeRecord, Sent
 from vecpipe.config import Config, load_config
 from vecpipe.consumer import Batch
 from vecpipe.deadletter import (
@@ -112,73 +113,6 @@ class FakeCache:
         return {h: self.known[h] for h in hashes if h in self.known}
 
 
-@dataclass
-class Sent:
-    """One produced message."""
-
-    topic: str
-    value: bytes | None
-    key: bytes | None
-    headers: list[tuple[str, bytes]]
-    timestamp: int | None
-
-
-@dataclass
-class FakeProducer:
-    """Records produced messages and flushes, in order."""
-
-    sent: list[Sent] = field(default_factory=list)
-    events: list[str] = field(default_factory=list)
-
-    def produce(self, topic: str, value: bytes | None, key: bytes | None = None,
-                headers: Any = None, timestamp: int | None = None) -> None:
-        self.sent.append(Sent(topic, value, key, list(headers or []), timestamp))
-        self.events.append(f"produce {topic}")
-
-    def flush(self, timeout: float = 60.0) -> None:
-        self.events.append("flush")
-
-    def to(self, topic: str) -> list[Sent]:
-        return [s for s in self.sent if s.topic == topic]
-
-
-@dataclass
-class FakeMessage:
-    """A consumed record with the methods of confluent_kafka.Message."""
-
-    topic_: str
-    partition_: int
-    offset_: int
-    key_: bytes | None
-    value_: bytes | None
-    headers_: list[tuple[str, bytes]]
-    timestamp_: tuple[int, int]
-
-    def topic(self) -> str:
-        return self.topic_
-
-    def partition(self) -> int:
-        return self.partition_
-
-    def offset(self) -> int:
-        return self.offset_
-
-    def key(self) -> bytes | None:
-        return self.key_
-
-    def value(self) -> bytes | None:
-        return self.value_
-
-    def headers(self) -> list[tuple[str, bytes]]:
-        return self.headers_
-
-    def timestamp(self) -> tuple[int, int]:
-        return self.timestamp_
-
-    def error(self) -> None:
-        return None
-
-
 def chunk(text: str, doc: str = "doc-1", index: int = 0) -> Chunk:
     return Chunk(tenant_id="acme", doc_id=doc, version=1, chunk_index=index, chunk_count=1,
                  text=text, content_hash=content_hash(text), char_start=0, char_end=len(text))
@@ -194,19 +128,19 @@ class Feed:
         self.offset += 1
         return self.offset, (1, T0 + self.offset)
 
-    def chunk(self, c: Chunk, partition: int = 0) -> FakeMessage:
+    def chunk(self, c: Chunk, partition: int = 0) -> FakeRecord:
         off, ts = self._next(partition)
-        return FakeMessage(CHUNKS, partition, off, c.key, encode_chunk(c), schema_headers(CHUNK),
-                           ts)
+        return FakeRecord(CHUNKS, partition, off, c.key, encode_chunk(c), schema_headers(CHUNK),
+                          ts)
 
-    def delete(self, d: Delete, partition: int = 0) -> FakeMessage:
+    def delete(self, d: Delete, partition: int = 0) -> FakeRecord:
         off, ts = self._next(partition)
-        return FakeMessage(CHUNKS, partition, off, d.key, encode_delete(d),
-                           schema_headers(DELETE), ts)
+        return FakeRecord(CHUNKS, partition, off, d.key, encode_delete(d),
+                          schema_headers(DELETE), ts)
 
-    def raw(self, value: bytes, partition: int = 0) -> FakeMessage:
+    def raw(self, value: bytes, partition: int = 0) -> FakeRecord:
         off, ts = self._next(partition)
-        return FakeMessage(CHUNKS, partition, off, b"acme/bad", value, schema_headers(CHUNK), ts)
+        return FakeRecord(CHUNKS, partition, off, b"acme/bad", value, schema_headers(CHUNK), ts)
 
 
 @dataclass
@@ -218,7 +152,7 @@ class Stage:
     producer: FakeProducer
     metrics: Metrics
 
-    def run(self, messages: list[FakeMessage], revoked: Sequence[tuple[str, int]] = ()) -> Any:
+    def run(self, messages: list[FakeRecord], revoked: Sequence[tuple[str, int]] = ()) -> Any:
         msgs: list[Any] = list(messages)
         batch = Batch(msgs)
         batch.revoke(list(revoked))

@@ -12,6 +12,7 @@ import psycopg
 import psycopg.errors
 import pytest
 
+from tests.fakes import FakeProducer, FakeRecord, Sent
 from vecpipe.config import Config, load_config
 from vecpipe.consumer import Batch
 from vecpipe.deadletter import H_CLASS, H_MESSAGE, H_STAGE, DeadLetterGuard, DeadLetters
@@ -94,69 +95,6 @@ class FakeStore:
         return [d for c in self.calls if c.ok for d in c.deletes]
 
 
-@dataclass
-class Sent:
-    """One produced message."""
-
-    topic: str
-    value: bytes | None
-    key: bytes | None
-    headers: list[tuple[str, bytes]]
-    timestamp: int | None
-
-
-@dataclass
-class FakeProducer:
-    """Records produced messages and flushes."""
-
-    sent: list[Sent] = field(default_factory=list)
-    flushes: int = 0
-
-    def produce(self, topic: str, value: bytes | None, key: bytes | None = None,
-                headers: Any = None, timestamp: int | None = None) -> None:
-        self.sent.append(Sent(topic, value, key, list(headers or []), timestamp))
-
-    def flush(self, timeout: float = 60.0) -> None:
-        self.flushes += 1
-
-
-@dataclass
-class FakeMessage:
-    """A consumed record with the methods of confluent_kafka.Message."""
-
-    topic_: str
-    partition_: int
-    offset_: int
-    key_: bytes | None
-    value_: bytes | None
-    headers_: list[tuple[str, bytes]]
-    timestamp_: tuple[int, int]
-
-    def topic(self) -> str:
-        return self.topic_
-
-    def partition(self) -> int:
-        return self.partition_
-
-    def offset(self) -> int:
-        return self.offset_
-
-    def key(self) -> bytes | None:
-        return self.key_
-
-    def value(self) -> bytes | None:
-        return self.value_
-
-    def headers(self) -> list[tuple[str, bytes]]:
-        return self.headers_
-
-    def timestamp(self) -> tuple[int, int]:
-        return self.timestamp_
-
-    def error(self) -> None:
-        return None
-
-
 def chunk(doc: str = "doc-1", index: int = 0, version: int = 1, text: str = "some text",
           tenant: str = "acme", **changes: Any) -> Chunk:
     c = Chunk(tenant_id=tenant, doc_id=doc, version=version, chunk_index=index, chunk_count=4,
@@ -174,21 +112,21 @@ class Feed:
         self.offset += 1
         return self.offset, (1, T0 + 1000 * self.offset)
 
-    def emb(self, c: Chunk, vector: np.ndarray[Any, Any] = UNIT) -> FakeMessage:
+    def emb(self, c: Chunk, vector: np.ndarray[Any, Any] = UNIT) -> FakeRecord:
         off, ts = self._next()
         e = Embedding(chunk=c, vector=np.asarray(vector, dtype=np.float32),
                       model_name="fake-minilm", model_revision="rev-1", backend="torch-fp32",
                       embedded_at="2024-05-01T12:00:00+00:00")
-        return FakeMessage(TOPIC, 0, off, c.key, encode_embedding(e), schema_headers(EMBEDDING),
-                           ts)
+        return FakeRecord(TOPIC, 0, off, c.key, encode_embedding(e), schema_headers(EMBEDDING),
+                          ts)
 
-    def delete(self, d: Delete) -> FakeMessage:
+    def delete(self, d: Delete) -> FakeRecord:
         off, ts = self._next()
-        return FakeMessage(TOPIC, 0, off, d.key, encode_delete(d), schema_headers(DELETE), ts)
+        return FakeRecord(TOPIC, 0, off, d.key, encode_delete(d), schema_headers(DELETE), ts)
 
-    def chunk_msg(self, c: Chunk) -> FakeMessage:
+    def chunk_msg(self, c: Chunk) -> FakeRecord:
         off, ts = self._next()
-        return FakeMessage(TOPIC, 0, off, c.key, encode_chunk(c), schema_headers(CHUNK), ts)
+        return FakeRecord(TOPIC, 0, off, c.key, encode_chunk(c), schema_headers(CHUNK), ts)
 
 
 @dataclass
@@ -200,12 +138,12 @@ class Stage:
     producer: FakeProducer
     metrics: Metrics
 
-    def run(self, messages: list[FakeMessage]) -> Any:
+    def run(self, messages: list[FakeRecord]) -> Any:
         msgs: list[Any] = list(messages)
         return self.processor.process(Batch(msgs))
 
     def dead(self) -> list[Sent]:
-        return [s for s in self.producer.sent if s.topic == DLQ]
+        return self.producer.to(DLQ)
 
     def reasons(self) -> dict[int, str]:
         """Dead-letter message by original offset."""
