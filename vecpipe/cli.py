@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommands with ``register(subparsers)``; each handler they set
 # with ``set_defaults(func=...)`` takes the parsed arguments and returns the exit status.
-_COMMAND_MODULES: tuple[str, ...] = ("vecpipe.status", "workers.dlq",
+_COMMAND_MODULES: tuple[str, ...] = ("vecpipe.status", "workers.dlq", "vecpipe.bench",
                                      "vecpipe.dbops")
 
 
