@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -207,7 +208,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     policy = SearchPolicy()
     if args.exact_max_rows is not None:
         policy = SearchPolicy(exact_max_rows=args.exact_max_rows)
-    encoder = Encoder(cfg.model)
+    # One query: a single torch thread is as fast and does not fight the database for cores.
+    encoder = Encoder(replace(cfg.model, threads=cfg.model.threads or 1))
     pool = make_pool(cfg.database, name="vecpipe-search")
     try:
         searcher = Searcher(cfg, pool, encoder, policy)

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
@@ -181,6 +181,7 @@ class BatchConsumer:
         self._pending_since: float | None = None
         self._assigned: set[TP] = set()
         self._paused = False
+        self._drained = False
         self._last_message_at = time.monotonic()
 
     # -- callbacks (run inside poll, on this thread) ----------------------------------------
@@ -200,6 +201,8 @@ class BatchConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned.update((p.topic, p.partition) for p in partitions)
         self.health.set_ready(bool(self._assigned))
+        # --until-idle counts from when there is something to read, not from the group join.
+        self._last_message_at = time.monotonic()
         self.log.info("partitions_assigned", partitions=[p.partition for p in partitions])
         if self._paused:
             # New partitions join paused if the loop is applying backpressure right now.
@@ -291,7 +294,8 @@ class BatchConsumer:
         if not self._pending:
             return False
         waited = time.monotonic() - (self._pending_since or time.monotonic())
-        return self._batch_full() or waited >= self.limits.max_wait_s or self.stop.is_set()
+        return (self._batch_full() or self._drained or waited >= self.limits.max_wait_s
+                or self.stop.is_set())
 
     def _set_paused(self, paused: bool) -> None:
         if paused == self._paused:
@@ -333,12 +337,25 @@ class BatchConsumer:
                 self._finish_inflight(wait=False)
                 if self.stop.is_set() or self._idle():
                     break
-                # Backpressure: stop fetching while the next batch is full and one is under way.
-                self._set_paused(self._inflight is not None and self._batch_full())
-                room = max(1, self.limits.max_count - len(self._pending))
-                self._take(self.consumer.consume(num_messages=min(room, 500), timeout=0.1))
                 if self._inflight is None and self._batch_due():
                     self._submit()
+                # Backpressure: stop fetching while the next batch is full and one is under way.
+                full = self._inflight is not None and self._batch_full()
+                self._set_paused(full)
+                if full:
+                    assert self._inflight is not None
+                    # Paused: wake as soon as the batch is done; consume() still serves the
+                    # group protocol and keeps max.poll.interval.ms from expiring.
+                    wait([self._inflight[1]], timeout=0.1)
+                    self._take(self.consumer.consume(num_messages=1, timeout=0))
+                    continue
+                room = max(1, self.limits.max_count - len(self._pending))
+                asked = min(room, 500)
+                got = self.consumer.consume(num_messages=asked,
+                                            timeout=0.02 if self._inflight else 0.1)
+                self._take(got)
+                # Nothing more arrived: waiting longer for a fuller batch only adds latency.
+                self._drained = not got
             code = self._drain()
         except DeadLetterRateExceeded as exc:
             self.log.error("dead_letter_rate_exceeded", error=str(exc))

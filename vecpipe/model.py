@@ -111,6 +111,10 @@ class Encoder:
         from sentence_transformers import SentenceTransformer
 
         cfg = self.cfg
+        if cfg.threads:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
         try:
             if cfg.backend == "torch":
                 model = SentenceTransformer(cfg.name, device=self.device, local_files_only=True)

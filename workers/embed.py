@@ -227,7 +227,7 @@ class EmbedProcessor:
                 vectors = call_with_retry(self.cfg.retry, self.encoder.encode, texts,
                                           on_retry=self._on_retry("model"))
             else:
-                vectors = self.encoder.encode(texts, len(texts))
+                vectors = self.encoder.encode(texts, self.cfg.embed.encode_batch_size)
         except ModelOutOfMemory as exc:
             if len(items) == 1:
                 items[0].error = PermanentError(
