@@ -21,7 +21,7 @@ import numpy.typing as npt
 from vecpipe.config import DEFAULT_MODEL_ID, ConfigError, ModelConfig, default_model_path
 from vecpipe.faults import ModelOutOfMemory
 
-__all__ = ["Encoder", "model_label", "model_revision", "normalize_rows"]
+__all__ = ["Encoder", "model_label", "model_revision", "normalize_rows", "quantization_target"]
 
 # Weights live on disk beside the code; a hub lookup must never happen, not even a HEAD request.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,6 +72,34 @@ def model_revision(path: str) -> str:
     return digest.hexdigest()[:12]
 
 
+def quantization_target() -> str:
+    """The int8 quantization config for this CPU: avx512_vnni, avx512, avx2 or arm64."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    for target, needed in (("avx512_vnni", {"avx512_vnni"}), ("avx512", {"avx512f"}),
+                           ("avx2", {"avx2"})):
+        if needed <= flags:
+            return target
+    return "arm64"
+
+
+def _int8_files(folder: Path) -> list[Path]:
+    # optimum names them model_qint8_avx512_vnni.onnx, model_quint8_avx2.onnx, ...
+    return sorted((folder / "onnx").glob(f"model_*int8_{quantization_target()}.onnx"))
+
+
+def _int8_file(folder: Path) -> Path:
+    found = _int8_files(folder)
+    if not found:
+        raise ConfigError(
+            f"No int8 ONNX model for {quantization_target()} in {folder}; delete the folder "
+            "(model.cache_dir, VECPIPE_MODEL_CACHE_DIR) so that it is exported again."
+        )
+    return found[0]
+
+
 def _is_oom(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}".lower()
     return "out of memory" in text or "outofmemory" in text or isinstance(exc, MemoryError)
@@ -86,7 +114,7 @@ class Encoder:
         self.name = model_label(cfg)
         self.revision = cfg.revision or model_revision(cfg.name)
         self.backend_tag = f"{cfg.backend}-{cfg.precision}" if cfg.backend == "torch" else (
-            cfg.backend if cfg.backend == "onnx-int8" else "onnx-fp32")
+            f"onnx-int8-{quantization_target()}" if cfg.backend == "onnx-int8" else "onnx-fp32")
         self.model = self._load()
         dimension = (getattr(self.model, "get_embedding_dimension", None)
                      or self.model.get_sentence_embedding_dimension)
@@ -129,8 +157,8 @@ class Encoder:
                     model = model.to(torch.bfloat16)
                 return model
             folder = self._onnx_folder()
-            file_name = ("onnx/model_qint8_avx512_vnni.onnx" if cfg.backend == "onnx-int8"
-                         else "onnx/model.onnx")
+            file_name = (_int8_file(folder).relative_to(folder).as_posix()
+                         if cfg.backend == "onnx-int8" else "onnx/model.onnx")
             return SentenceTransformer(
                 str(folder), device="cpu", backend="onnx", local_files_only=True,
                 model_kwargs={"file_name": file_name, "provider": "CPUExecutionProvider"},
@@ -152,7 +180,6 @@ class Encoder:
         key = hashlib.sha256(f"{src.resolve()}:{self.revision}".encode()).hexdigest()[:12]
         folder = Path(self.cfg.cache_dir) / f"{src.name}-{key}-onnx"
         fp32 = folder / "onnx" / "model.onnx"
-        int8 = folder / "onnx" / "model_qint8_avx512_vnni.onnx"
         if not fp32.exists():
             from sentence_transformers import SentenceTransformer
 
@@ -164,7 +191,7 @@ class Encoder:
             model.save_pretrained(str(tmp))
             shutil.rmtree(folder, ignore_errors=True)
             tmp.rename(folder)
-        if self.cfg.backend == "onnx-int8" and not int8.exists():
+        if self.cfg.backend == "onnx-int8" and not _int8_files(folder):
             from sentence_transformers import (
                 SentenceTransformer,
                 export_dynamic_quantized_onnx_model,
@@ -172,7 +199,7 @@ class Encoder:
 
             model = SentenceTransformer(str(folder), device="cpu", backend="onnx",
                                         local_files_only=True)
-            export_dynamic_quantized_onnx_model(model, "avx512_vnni", str(folder))
+            export_dynamic_quantized_onnx_model(model, quantization_target(), str(folder))
         return folder
 
     def count_tokens(self, text: str) -> int:

@@ -210,3 +210,20 @@ def test_hand_written_chunk_from_any_kafka_client_is_embedded(cfg: Any, encoder:
     assert run_stage("embed", cfg, encoder=encoder) == 0
     (emb,) = embeddings(cfg)
     assert emb.chunk == Chunk("acme", "go/1", 3, 0, 1, text, content_hash(text), 0, len(text))
+
+
+def test_onnx_int8_backend_is_exported_offline_and_agrees_with_torch(
+    encoder: Any, tmp_path: Any
+) -> None:
+    """The quantized ONNX model is exported once from the local model, and agrees with fp32."""
+    from vecpipe.config import ModelConfig
+    from vecpipe.model import Encoder, quantization_target
+
+    texts = [f"Sentence {i} about pgvector, Kafka and embeddings in production." for i in range(16)]
+    int8 = Encoder(ModelConfig(backend="onnx-int8", cache_dir=str(tmp_path)))
+    assert int8.backend_tag == f"onnx-int8-{quantization_target()}"
+    assert int8.name == encoder.name and int8.revision == encoder.revision
+    assert list(tmp_path.glob("*/onnx/model_*int8_*.onnx")), "no quantized export in the cache"
+    a, b = encoder.encode(texts), int8.encode(texts)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert float(cos.mean()) >= 0.98
