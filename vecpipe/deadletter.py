@@ -48,6 +48,12 @@ H_FIRST_FAILED = "vecpipe.errors.first.failed.at"
 H_REPLAYS = "vecpipe.replay.count"
 ERROR_PREFIXES = ("__connect.errors.", "vecpipe.errors.")
 _MAX_STACK = 8000
+# An error message quoting its input (a database error echoing a 5 MB value) is cut to this.
+_MAX_MESSAGE = 2000
+
+
+def _capped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class RecordLike(Protocol):
@@ -97,7 +103,7 @@ class DeadLetters:
             (H_PARTITION, str(record.partition()).encode()),
             (H_OFFSET, str(record.offset()).encode()),
             (H_CLASS, f"{type(exc).__module__}.{type(exc).__qualname__}".encode()),
-            (H_MESSAGE, str(exc).encode("utf-8", "replace")),
+            (H_MESSAGE, _capped(str(exc), _MAX_MESSAGE).encode("utf-8", "replace")),
             (H_STACK, stack.encode("utf-8", "replace")),
             (H_STAGE, self.stage.encode()),
             (H_WORKER, self.worker_id.encode()),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
@@ -201,7 +202,21 @@ class Chunk:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Chunk:
-        """Build a chunk from its validated JSON form."""
+        """Build a chunk from its schema-validated JSON form, checking what a schema cannot:
+        the index lies within the count, and the hash is the hash of this text (a wrong one
+        would let the embedder reuse the vector of another text)."""
+        if data["chunk_index"] >= data["chunk_count"]:
+            raise InvalidMessage(
+                f"chunk_index {data['chunk_index']} is not below chunk_count "
+                f"{data['chunk_count']}: a version's chunks are numbered 0 to chunk_count - 1."
+            )
+        actual = content_hash(data["text"])
+        if data["content_hash"] != actual:
+            raise InvalidMessage(
+                f"content_hash {data['content_hash'][:12]}... is not the hash of the text "
+                f"({actual[:12]}...): sha256 of the text after NFC, whitespace folding and "
+                "trimming."
+            )
         return cls(
             tenant_id=data["tenant_id"],
             doc_id=data["doc_id"],
@@ -289,8 +304,21 @@ def _check(name: str, version: int, data: Any) -> None:
         _validator(name, version).validate(data)
     except ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "the message"
-        raise InvalidMessage(f"{name} v{version} is invalid at {where}: {exc.message}.") from None
+        raise InvalidMessage(f"{name} v{version} is invalid at {where}: {_reason(exc)}.") from None
     raise InvalidMessage(f"{name} v{version} is invalid: {refusal}.")
+
+
+def _reason(exc: ValidationError) -> str:
+    """jsonschema's reason, without quoting a huge value back (a 5 MB text, say)."""
+    value = exc.instance
+    if exc.validator in ("maxLength", "minLength") and isinstance(value, str):
+        bound = "at most" if exc.validator == "maxLength" else "at least"
+        return f"it is {len(value)} characters long, and must be {bound} {exc.validator_value}"
+    reason = exc.message
+    return reason if len(reason) <= _MAX_REASON else reason[:_MAX_REASON] + "..."
+
+
+_MAX_REASON = 300
 
 
 def encode_chunk(chunk: Chunk) -> bytes:
@@ -319,11 +347,37 @@ def encode_embedding(emb: Embedding, dtype: str = "float32") -> bytes:
 
 def _json(value: bytes) -> Any:
     try:
-        return json.loads(value.decode("utf-8"))
+        data = json.loads(value.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise InvalidMessage(f"the value is not valid UTF-8 (byte {exc.start}).") from None
     except json.JSONDecodeError as exc:
         raise InvalidMessage(f"the value is not valid JSON: {exc.msg} at {exc.pos}.") from None
+    # JSON may escape half of a surrogate pair ("\ud800") that no UTF-8 text can hold; the
+    # tokenizer and PostgreSQL would both fail on it later. Only escaped values can have one.
+    if _SURROGATE_ESCAPE.search(value):
+        _refuse_lone_surrogates(data, "")
+    return data
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(data: Any, where: str) -> None:
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidMessage(
+                f"the value has a lone surrogate (U+{ord(data[exc.start]):04X}) at "
+                f"{where or 'the top level'}, which is not valid Unicode."
+            ) from None
+    elif isinstance(data, dict):
+        for key, item in data.items():
+            _refuse_lone_surrogates(key, f"a key of {where or 'the top level'}")
+            _refuse_lone_surrogates(item, f"{where}/{key}")
+    elif isinstance(data, list):
+        for i, item in enumerate(data):
+            _refuse_lone_surrogates(item, f"{where}/{i}")
 
 
 def _schema_of(headers: HeaderLike) -> tuple[str, int]:

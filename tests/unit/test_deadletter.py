@@ -136,13 +136,14 @@ def test_second_failure_replaces_error_headers() -> None:
     Draft202012Validator(load_schema("dead-letter-headers.v1.json")).validate(added)
 
 
-def test_long_stack_is_capped() -> None:
-    """A huge traceback is cut to its last 8000 characters."""
+def test_long_stack_and_message_are_capped() -> None:
+    """A huge traceback is cut to its last 8000 characters, a huge message to 2000 and a note
+    of its length (an error quoting a 5 MB value back must not make the dead letter huge)."""
     producer = FakeProducer()
     _dead_letters(producer).send(FakeRecord(), _raised(ValueError("x" * 20_000)))
     stack = dict(producer.sent[0].headers)[H_STACK]
     assert len(stack) <= 8000
-    assert dict(producer.sent[0].headers)[H_MESSAGE] == b"x" * 20_000
+    assert dict(producer.sent[0].headers)[H_MESSAGE] == b"x" * 2000 + b"... (20000 characters)"
 
 
 # -- the guard -----------------------------------------------------------------------------------

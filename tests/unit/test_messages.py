@@ -191,6 +191,49 @@ def test_invalid_utf8() -> None:
         decode(b'{\xff"}', schema_headers(CHUNK))
 
 
+def test_index_beyond_count_is_refused() -> None:
+    """chunk_index must lie below chunk_count: a writer would otherwise drop it silently."""
+    data = {**_chunk().to_dict(), "chunk_index": 5, "chunk_count": 2}
+    with pytest.raises(InvalidMessage, match="chunk_index 5 is not below chunk_count 2"):
+        decode(json.dumps(data).encode(), schema_headers(CHUNK))
+    data = {**data, "chunk_index": 2**40, "chunk_count": 2**40 + 1}
+    with pytest.raises(InvalidMessage, match="invalid at chunk_index"):
+        decode(json.dumps(data).encode(), schema_headers(CHUNK))
+
+
+def test_hash_of_another_text_is_refused() -> None:
+    """A content_hash that is not the hash of the text could fetch another text's vector."""
+    data = {**_chunk().to_dict(), "content_hash": content_hash("some other text")}
+    with pytest.raises(InvalidMessage, match=r"content_hash .* is not the hash of the text"):
+        decode(json.dumps(data).encode(), schema_headers(CHUNK))
+
+
+def test_too_long_text_is_refused_without_quoting_it() -> None:
+    """The reason gives the length, not the 200,000 characters."""
+    text = "word " * 40_000
+    data = {**_chunk().to_dict(), "text": text, "content_hash": content_hash(text)}
+    with pytest.raises(InvalidMessage) as caught:
+        decode(json.dumps(data).encode(), schema_headers(CHUNK))
+    assert str(caught.value) == ("vecpipe.chunk v1 is invalid at text: it is 200000 characters "
+                                 "long, and must be at most 100000.")
+
+
+def test_lone_surrogate_is_refused_and_escaped_pairs_are_not() -> None:
+    """JSON can escape half a surrogate pair, which no UTF-8 text holds: refused, with where;
+    an escaped pair (an emoji, as ensure_ascii writes it) is ordinary text."""
+    data = _chunk().to_dict()
+    with pytest.raises(InvalidMessage, match=r"lone surrogate \(U\+D800\) at /text"):
+        decode(json.dumps({**data, "text": "broken \ud800 half"}).encode(), schema_headers(CHUNK))
+    with pytest.raises(InvalidMessage, match=r"lone surrogate .* at /metadata/k/1"):
+        decode(json.dumps({**data, "metadata": {"k": ["x", "\udfff"]}}).encode(),
+               schema_headers(CHUNK))
+    text = "launch \U0001f680"
+    emoji = json.dumps({**data, "text": text, "content_hash": content_hash(text)},
+                       ensure_ascii=True).encode()
+    assert b"\\ud83d" in emoji
+    assert decode(emoji, schema_headers(CHUNK)).text == "launch \U0001f680"  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("field", ["tenant_id", "doc_id", "version", "text", "content_hash"])
 def test_missing_required_field(field: str) -> None:
     """A chunk without a required field is invalid."""
