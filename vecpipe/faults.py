@@ -24,6 +24,7 @@ from vecpipe.messages import InvalidMessage
 
 __all__ = [
     "DeliveryFailed",
+    "DeliveryRefused",
     "ModelOutOfMemory",
     "PermanentError",
     "TransientError",
@@ -44,7 +45,12 @@ class PermanentError(ValueError):
 
 
 class DeliveryFailed(TransientError):
-    """The broker did not acknowledge a produced message."""
+    """The broker did not acknowledge a produced message (it may, once it is back)."""
+
+
+class DeliveryRefused(RuntimeError):
+    """The broker refused a message for good (too large, not authorized): neither retried nor
+    dead-lettered; the worker stops with the reason, and the record stays uncommitted."""
 
 
 class ModelOutOfMemory(TransientError):
@@ -70,19 +76,23 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, KafkaException):
         return _is_transient_kafka(exc)
-    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-        return True
+    # The server's SQLSTATE decides first: psycopg files "program limit exceeded" (an index
+    # row too large for its B-tree, say) under OperationalError, yet no retry can help it.
     if isinstance(exc, psycopg.Error) and exc.sqlstate:
         return exc.sqlstate in _TRANSIENT_SQLSTATES or exc.sqlstate[:2] in _TRANSIENT_SQL_CLASSES
-    return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
 def is_permanent(exc: BaseException) -> bool:
     """True for failures of the record itself, which go to the dead-letter topic."""
     if isinstance(exc, InvalidMessage | PermanentError):
         return True
-    # SQLSTATE classes 22 (data exception) and 23 (integrity constraint): the row, not the server.
+    # SQLSTATE classes 22 (data exception) and 23 (integrity constraint): the row, not the server;
+    # and 54 (program limit exceeded): a value too large for what must hold it, such as an id
+    # longer than a B-tree index row can be.
     if isinstance(exc, psycopg.DataError | psycopg.IntegrityError):
+        return True
+    if isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("54"):
         return True
     return isinstance(exc, UnicodeError | ValueError) and not is_transient(exc)
 

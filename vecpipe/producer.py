@@ -1,8 +1,11 @@
 """A Kafka producer that makes delivery failures impossible to miss.
 
 Idempotent (``enable.idempotence``, ``acks=all``) and compressed; :meth:`DurableProducer.produce`
-waits for room when the local queue is full instead of failing, and :meth:`flush` raises
-:class:`DeliveryFailed` if any message since the last flush was not acknowledged.
+waits for room when the local queue is full instead of failing, and :meth:`flush` raises if any
+message since the last flush was not acknowledged: :class:`DeliveryFailed` (transient) after
+queueing the unacknowledged messages again, so that calling :meth:`flush` again retries those and
+only those (retrying a whole batch would duplicate what was delivered), or
+:class:`DeliveryRefused` when the broker refused a message for good (too large, not authorized).
 """
 
 from __future__ import annotations
@@ -11,14 +14,30 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+)
 
 from vecpipe.config import KafkaConfig
-from vecpipe.faults import DeliveryFailed
+from vecpipe.faults import DeliveryFailed, DeliveryRefused
 from vecpipe.messages import HeaderLike, header_list
 
-__all__ = ["DurableProducer", "producer_config"]
+__all__ = ["MAX_MESSAGE_BYTES", "DurableProducer", "producer_config"]
 
+# The largest message (key, value and headers) producers send, and what the dead-letter topics
+# accept (vecpipe.topics); the pipeline's other topics keep the broker's default (1 MiB).
+MAX_MESSAGE_BYTES = 10_485_760
+
+# Refusals that no retry can change: the message itself, or this client's rights, are the cause.
+_REFUSALS = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_MSG,
+    KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.INVALID_RECORD,
+})
 
 
 def producer_config(cfg: KafkaConfig, **overrides: Any) -> dict[str, Any]:
@@ -29,7 +48,7 @@ def producer_config(cfg: KafkaConfig, **overrides: Any) -> dict[str, Any]:
         "compression.type": "lz4",
         "linger.ms": 20,
         "batch.size": 1_000_000,
-        "message.max.bytes": 10_000_000,
+        "message.max.bytes": MAX_MESSAGE_BYTES,
         "queue.buffering.max.messages": 100_000,
         "queue.buffering.max.kbytes": 262_144,
         "delivery.timeout.ms": 120_000,
@@ -46,14 +65,14 @@ class DurableProducer:
 
     def __init__(self, cfg: KafkaConfig, **overrides: Any) -> None:
         self._producer = Producer(producer_config(cfg, **overrides))
-        self._errors: list[KafkaError] = []
+        self._failed: list[tuple[KafkaError, Message]] = []
         self._lock = threading.Lock()
         self.delivered = 0
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         with self._lock:
             if err is not None:
-                self._errors.append(err)
+                self._failed.append((err, msg))
             else:
                 self.delivered += 1
 
@@ -86,6 +105,14 @@ class DurableProducer:
             except BufferError:
                 # Backpressure: the queue is full, so wait for acknowledgements to free room.
                 self._producer.poll(0.5)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if isinstance(err, KafkaError) and err.code() in _REFUSALS:
+                    raise DeliveryRefused(
+                        f"the producer refused a message of {len(value or b'')} bytes to topic "
+                        f"{topic!r}: {err.str()}; see message.max.bytes (kafka.client)."
+                    ) from None
+                raise
         self._producer.poll(0)
 
     def poll(self, timeout: float = 0) -> None:
@@ -97,14 +124,32 @@ class DurableProducer:
         return len(self._producer)
 
     def flush(self, timeout: float = 60.0) -> None:
-        """Wait for every queued message; raise :class:`DeliveryFailed` if any was refused."""
+        """Wait for every queued message; raise if any was not acknowledged (module docstring).
+
+        Messages that failed for a transient reason are queued again before
+        :class:`DeliveryFailed` is raised; a message refused for good raises
+        :class:`DeliveryRefused` naming the topic and the reason, and is not queued again.
+        """
         remaining = self._producer.flush(timeout)
         with self._lock:
-            errors, self._errors = self._errors, []
-        if errors:
+            failed, self._failed = self._failed, []
+        refused = [(err, msg) for err, msg in failed if err.code() in _REFUSALS or err.fatal()]
+        if refused:
+            err, msg = refused[0]
+            size = len(msg.value() or b"")
+            raise DeliveryRefused(
+                f"the broker refused {len(refused)} message(s) for good, first one of {size} "
+                f"bytes to topic {msg.topic()!r}: {err.str()}; see that topic's settings "
+                "(max.message.bytes, ACLs)."
+            )
+        for _, msg in failed:
+            ts_type, ts = msg.timestamp()
+            self.produce(msg.topic() or "", msg.value(), key=msg.key(), headers=msg.headers(),
+                         timestamp=ts if ts_type != TIMESTAMP_NOT_AVAILABLE else None)
+        if failed:
             raise DeliveryFailed(
-                f"{len(errors)} message(s) were not acknowledged by the broker, first: "
-                f"{errors[0].str()}."
+                f"{len(failed)} message(s) were not acknowledged by the broker, first: "
+                f"{failed[0][0].str()}; they are queued again."
             )
         if remaining:
             raise DeliveryFailed(

@@ -8,6 +8,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from vecpipe.config import KafkaConfig, Unreachable
+from vecpipe.producer import MAX_MESSAGE_BYTES
 
 __all__ = ["admin_client", "check_broker", "ensure_topics", "pipeline_topics"]
 
@@ -50,9 +51,13 @@ def ensure_topics(
     if not missing:
         return
     dlqs = {cfg.dlq_topic(t) for t in (cfg.chunks_topic, cfg.embeddings_topic)}
+    # A dead letter is its record plus error headers (up to ~10 kB), so a record that just fit
+    # its own topic must still fit the dead-letter topic: that one takes what producers send.
+    dlq_config = {"retention.ms": str(cfg.dlq_retention_ms),
+                  "max.message.bytes": str(MAX_MESSAGE_BYTES)}
     futures = admin.create_topics(
         [NewTopic(t, num_partitions=cfg.partitions, replication_factor=cfg.replication_factor,
-                  config={"retention.ms": str(cfg.dlq_retention_ms)} if t in dlqs else {})
+                  config=dlq_config if t in dlqs else {})
          for t in missing],
         operation_timeout=timeout,
     )

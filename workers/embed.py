@@ -20,7 +20,7 @@ from confluent_kafka import Message
 from vecpipe.config import Config
 from vecpipe.consumer import Batch
 from vecpipe.deadletter import DeadLetterGuard, DeadLetters
-from vecpipe.faults import ModelOutOfMemory, PermanentError, call_with_retry
+from vecpipe.faults import ModelOutOfMemory, PermanentError, call_with_retry, is_transient
 from vecpipe.health import Metrics
 from vecpipe.messages import (
     EMBEDDING,
@@ -48,6 +48,10 @@ class EncoderLike(Protocol):
     def encode(self, texts: list[str], batch_size: int | None = None) -> npt.NDArray[np.float32]:
         """Embed texts into float32 rows."""
         ...
+
+
+# After a failed lookup (the database is away), batches are encoded without asking the cache.
+_CACHE_COOLDOWN_S = 30.0
 
 
 class VectorCache(Protocol):
@@ -90,6 +94,7 @@ class EmbedProcessor:
         self.metrics = metrics
         self.log = log
         self.cache = cache
+        self._cache_back_at = 0.0  # monotonic time before which a failed cache is not asked
         self.out_topic = cfg.kafka.embeddings_topic
         self.wire_dtype = "float16" if cfg.vector.column_type == "halfvec" else "float32"
 
@@ -128,22 +133,20 @@ class EmbedProcessor:
             if it.error is not None:
                 failures.append((it.msg, it.error))
 
-        def produce_all() -> None:
-            for msg, out in outputs:
-                if out is None or not batch.owned(msg):
-                    continue
-                if isinstance(out, Delete):
-                    # Deletes travel on in order with their document's chunks, unchanged.
-                    self.producer.produce(self.out_topic, msg.value(), key=msg.key(),
-                                          headers=msg.headers(), timestamp=msg.timestamp()[1])
-                elif out.error is None and out.vector is not None:
-                    self._produce_embedding(out)
-            for msg, err in failures:
-                if batch.owned(msg):
-                    self.dead_letters.send(msg, err)
-            self.producer.flush()
-
-        call_with_retry(self.cfg.retry, produce_all, on_retry=self._on_retry("produce"))
+        for msg, out in outputs:
+            if out is None or not batch.owned(msg):
+                continue
+            if isinstance(out, Delete):
+                # Deletes travel on in order with their document's chunks, unchanged.
+                self.producer.produce(self.out_topic, msg.value(), key=msg.key(),
+                                      headers=msg.headers(), timestamp=msg.timestamp()[1])
+            elif out.error is None and out.vector is not None:
+                self._produce_embedding(out)
+        for msg, err in failures:
+            if batch.owned(msg):
+                self.dead_letters.send(msg, err)
+        # A failed flush queues what was not acknowledged again: a retry resends only that.
+        call_with_retry(self.cfg.retry, self.producer.flush, on_retry=self._on_retry("produce"))
         failed = {id(m) for m, _ in failures}
         done = [m for m in batch.messages if batch.owned(m)]
         for m in done:
@@ -187,7 +190,7 @@ class EmbedProcessor:
 
     def _reuse(self, items: list[_Item]) -> None:
         """Take vectors of content this model already embedded: no inference for them."""
-        if self.cache is None or not items:
+        if self.cache is None or not items or time.monotonic() < self._cache_back_at:
             return
         try:
             known = self.cache.lookup(
@@ -195,8 +198,11 @@ class EmbedProcessor:
                 self.encoder.name, self.encoder.revision, self.encoder.backend_tag,
             )
         except Exception as exc:
-            # The cache saves work; it must never stop the stage. Encode instead.
-            self.log.warning("vector_cache_unavailable", error=str(exc))
+            # The cache saves work; it must never stop or slow the stage: encode instead, and
+            # leave the cache alone for a while rather than wait for it on every batch.
+            self._cache_back_at = time.monotonic() + _CACHE_COOLDOWN_S
+            self.log.warning("vector_cache_unavailable", error=str(exc),
+                             retry_in_s=_CACHE_COOLDOWN_S)
             return
         reused = 0
         for it in items:
@@ -236,6 +242,22 @@ class EmbedProcessor:
                 return
             self.metrics.retries.labels(self.metrics.stage, "oom_split").inc()
             self.log.warning("oom_split", size=len(items))
+            half = len(items) // 2
+            self._encode_split(items[:half])
+            self._encode_split(items[half:])
+            return
+        except Exception as exc:
+            if is_transient(exc):
+                raise  # retries were spent (or it is a batch): the worker stops, nothing lost
+            # One input the model cannot take (say, text its tokenizer refuses) must not stop
+            # the stage: halve the batch until that input is alone, and dead-letter it. A model
+            # that fails on everything dead-letters fast and trips the dead-letter rate cap.
+            if len(items) == 1:
+                items[0].error = PermanentError(
+                    f"the model could not encode this chunk: {type(exc).__name__}: {exc}")
+                return
+            self.metrics.retries.labels(self.metrics.stage, "error_split").inc()
+            self.log.warning("encode_error_split", size=len(items), error=str(exc))
             half = len(items) // 2
             self._encode_split(items[:half])
             self._encode_split(items[half:])

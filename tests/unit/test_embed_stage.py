@@ -75,7 +75,9 @@ class FakeEncoder:
     dimension = DIM
 
     def __init__(self, *, oom_above: int | None = None, oom_text: str | None = None,
-                 nan_text: str | None = None, zero_text: str | None = None) -> None:
+                 nan_text: str | None = None, zero_text: str | None = None,
+                 refused_text: str | None = None) -> None:
+        self.refused_text = refused_text
         self.oom_above = oom_above
         self.oom_text = oom_text
         self.nan_text = nan_text
@@ -89,6 +91,8 @@ class FakeEncoder:
                 self.oom_text is not None and self.oom_text in texts):
             self.ooms += 1
             raise ModelOutOfMemory(f"CUDA out of memory on {len(texts)} texts")
+        if self.refused_text is not None and self.refused_text in texts:
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
         rows = []
         for text in texts:
             if text == self.nan_text:
@@ -330,6 +334,22 @@ def test_item_that_runs_out_of_memory_alone_is_dead_lettered() -> None:
     assert s.encoder.calls.count(["huge chunk"]) == CFG.retry.attempts
 
 
+def test_input_the_model_refuses_is_isolated_and_dead_lettered_alone() -> None:
+    """A text the model raises on (not a transient failure) costs only its own record: the
+    batch is halved until it is alone, it is dead-lettered once, and the rest are embedded."""
+    feed = Feed()
+    texts = ["alpha text", "beta text!", "gamma text", "bad text!!", "delta text"]
+    msgs = [feed.chunk(chunk(t, doc=t.split()[0])) for t in texts]
+    s = stage(FakeEncoder(refused_text="bad text!!"))
+    assert s.run(msgs) == msgs
+    assert sorted(decoded(o).chunk.text for o in s.embeddings()) == sorted(
+        t for t in texts if t != "bad text!!")
+    [dead] = s.dead()
+    assert dead.key == b"acme/bad"
+    assert "the model could not encode this chunk: TypeError" in dead_message(dead)
+    assert s.encoder.calls.count(["bad text!!"]) == 1  # not transient: no retries
+
+
 def test_known_vectors_are_reused_without_inference() -> None:
     """Chunks whose content hash the cache knows make no encoder call."""
     feed = Feed()
@@ -362,13 +382,19 @@ def test_failing_cache_falls_back_to_the_model() -> None:
     class BrokenCache(FakeCache):
         def lookup(self, hashes: Sequence[str], model: str, revision: str,
                    backend: str) -> dict[str, npt.NDArray[np.float32]]:
+            self.lookups.append((list(hashes), model, revision, backend))
             raise ConnectionError("database down")
 
     feed = Feed()
-    s = stage(cache=BrokenCache({}))
+    cache = BrokenCache({})
+    s = stage(cache=cache)
     s.run([feed.chunk(chunk("text"))])
     assert s.encoder.calls == [["text"]]
     assert len(s.embeddings()) == 1
+    # While the database is away the next batches do not wait on the cache at all.
+    s.run([feed.chunk(chunk("more text", doc="doc-2"))])
+    assert len(cache.lookups) == 1
+    assert s.encoder.calls == [["text"], ["more text"]]
 
 
 def test_revoked_partition_is_neither_produced_nor_returned() -> None:

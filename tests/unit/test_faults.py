@@ -44,6 +44,8 @@ PERMANENT: list[BaseException] = [
     psycopg.errors.DataException("data exception"),
     psycopg.errors.UniqueViolation("duplicate key"),
     psycopg.errors.NotNullViolation("null value"),
+    # An OperationalError in psycopg's classes, but a record too large for an index row.
+    psycopg.errors.ProgramLimitExceeded("index row size 3024 exceeds btree version 4 maximum"),
 ]
 
 

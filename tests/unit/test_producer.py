@@ -1,0 +1,98 @@
+"""DurableProducer: what a failed flush queues again, and what it refuses for good."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError
+
+from vecpipe.config import KafkaConfig
+from vecpipe.faults import DeliveryFailed, DeliveryRefused
+from vecpipe.producer import DurableProducer
+
+
+@dataclass
+class FakeMessage:
+    """What a delivery report carries."""
+
+    _topic: str
+    _value: bytes
+    _key: bytes
+    _headers: list[tuple[str, bytes]]
+    _ts: int
+
+    def topic(self) -> str:
+        return self._topic
+
+    def value(self) -> bytes:
+        return self._value
+
+    def key(self) -> bytes:
+        return self._key
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return self._headers
+
+    def timestamp(self) -> tuple[int, int]:
+        return (TIMESTAMP_CREATE_TIME, self._ts)
+
+
+@dataclass
+class FakeLibrdkafka:
+    """Delivers on flush; the values in ``fail`` get ``fail[value]`` once instead."""
+
+    fail: dict[bytes, KafkaError]
+    sent: list[FakeMessage] = field(default_factory=list)
+    queue: list[tuple[FakeMessage, Callable[[KafkaError | None, Any], None]]] = field(
+        default_factory=list)
+
+    def produce(self, topic: str, value: bytes, *, key: bytes, headers: Any,
+                on_delivery: Any, timestamp: int = 0) -> None:
+        msg = FakeMessage(topic, value, key, headers, timestamp)
+        self.sent.append(msg)
+        self.queue.append((msg, on_delivery))
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, timeout: float = 0) -> int:
+        queue, self.queue = self.queue, []
+        for msg, callback in queue:
+            callback(self.fail.pop(msg.value(), None), msg)
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+
+def producer(fail: dict[bytes, KafkaError]) -> tuple[DurableProducer, FakeLibrdkafka]:
+    p = DurableProducer(KafkaConfig(bootstrap="127.0.0.1:1"))
+    fake = FakeLibrdkafka(fail)
+    p._producer = fake  # type: ignore[assignment]
+    return p, fake
+
+
+def test_failed_flush_requeues_only_the_unacknowledged_messages() -> None:
+    """A retry after a timed-out delivery sends that message again, not the whole batch."""
+    p, fake = producer({b"b": KafkaError(KafkaError._MSG_TIMED_OUT)})
+    for v in (b"a", b"b", b"c"):
+        p.produce("t", v, key=b"k-" + v, headers=[("h", b"1")], timestamp=1234)
+    with pytest.raises(DeliveryFailed, match="1 message"):
+        p.flush()
+    p.flush()
+    assert [m.value() for m in fake.sent] == [b"a", b"b", b"c", b"b"]
+    assert p.delivered == 3
+    assert fake.sent[3] == FakeMessage("t", b"b", b"k-b", [("h", b"1")], 1234)
+
+
+def test_message_refused_for_good_is_not_retried() -> None:
+    """A message the broker will never take raises DeliveryRefused naming the topic."""
+    p, fake = producer({b"big": KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)})
+    p.produce("orders.dlq", b"big", key=b"k")
+    with pytest.raises(DeliveryRefused, match=r"'orders.dlq'.*max.message.bytes"):
+        p.flush()
+    p.flush()
+    assert [m.value() for m in fake.sent] == [b"big"]
