@@ -51,15 +51,17 @@ _STAGING_TYPES = (
 )
 
 # 1. The newest version of each document: a version lower than the stored one changes nothing;
-#    a deleted document is revived only by a newer version, and never when a tenant deletion
-#    came after the chunk was published.
+#    a deleted document is revived only by a newer version, and never by a chunk published
+#    before a deletion without a version (of the document or of its tenant).
 _DOCUMENTS = """
 INSERT INTO {schema}.documents AS d (tenant_id, doc_id, version, chunk_count, deleted)
 SELECT DISTINCT ON (s.tenant_id, s.doc_id) s.tenant_id, s.doc_id, s.doc_version, s.chunk_count,
        false
 FROM vecpipe_staging s
 LEFT JOIN {schema}.tenant_deletions t ON t.tenant_id = s.tenant_id
-WHERE t.deleted_before IS NULL OR s.published_at > t.deleted_before
+LEFT JOIN {schema}.documents o ON o.tenant_id = s.tenant_id AND o.doc_id = s.doc_id
+WHERE (t.deleted_before IS NULL OR s.published_at > t.deleted_before)
+  AND (o.deleted_before IS NULL OR s.published_at > o.deleted_before)
 ORDER BY s.tenant_id, s.doc_id, s.doc_version DESC
 ON CONFLICT (tenant_id, doc_id) DO UPDATE
 SET version = EXCLUDED.version, chunk_count = EXCLUDED.chunk_count, deleted = false,
@@ -146,6 +148,9 @@ class DeleteRequest:
     version: int | None
     published_at: datetime
     source: dict[str, Any] = field(default_factory=dict)
+    # The highest version of this document whose chunks came before the delete in its batch and
+    # were dropped unmerged: the tombstone records it, as if they had been merged first.
+    supersedes: int = 0
 
 
 @dataclass
@@ -234,15 +239,21 @@ class Store:
         source = json.dumps({**req.source, "worker": worker_id})
         if req.doc_id is None:
             return self._delete_tenant(conn, req, source)
-        # The document row is the tombstone: chunks of this version or older never come back.
+        # The document row is the tombstone: chunks of this version or older never come back,
+        # nor (a delete without a version) chunks published before the delete (migration 0005).
         row = conn.execute(self._q(
-            "INSERT INTO {schema}.documents AS d (tenant_id, doc_id, version, chunk_count, deleted)"
-            " VALUES (%(t)s, %(d)s, coalesce(%(v)s, 0), 0, true)"
+            "INSERT INTO {schema}.documents AS d"
+            "  (tenant_id, doc_id, version, chunk_count, deleted, deleted_before)"
+            " VALUES (%(t)s, %(d)s, greatest(%(v)s::bigint, %(s)s::bigint), 0, true,"
+            "         CASE WHEN %(v)s::bigint IS NULL THEN %(at)s::timestamptz END)"
             " ON CONFLICT (tenant_id, doc_id) DO UPDATE"
             " SET deleted = true, version = greatest(d.version, EXCLUDED.version),"
+            "     deleted_before = greatest(d.deleted_before, EXCLUDED.deleted_before),"
             "     updated_at = now()"
             " WHERE %(v)s::bigint IS NULL OR d.version <= %(v)s::bigint"
-            " RETURNING version"), {"t": req.tenant_id, "d": req.doc_id, "v": req.version},
+            " RETURNING version"),
+            {"t": req.tenant_id, "d": req.doc_id, "v": req.version, "s": req.supersedes,
+             "at": req.published_at},
         ).fetchone()
         applied = row is not None
         removed = 0
@@ -278,17 +289,20 @@ class Store:
         return removed
 
     def cached_vectors(
-        self, hashes: Sequence[str], model: str, revision: str, backend: str
+        self, hashes: Sequence[str], model: str, revision: str, backend: str,
+        timeout_s: float = 2.0,
     ) -> dict[str, npt.NDArray[np.float32]]:
         """Stored vectors for content hashes embedded by this exact model and backend.
 
         Reuse crosses tenants (equal text, equal vector), so it goes through the SECURITY DEFINER
         function of migration 0004, which returns hashes and vectors only: the embedder needs no
-        read access to chunks, and never sees another tenant's text or documents.
+        read access to chunks, and never sees another tenant's text or documents. The lookup
+        waits at most ``timeout_s`` for a connection: while the database is away the embedder
+        must encode instead of waiting for an optional cache.
         """
         if not hashes:
             return {}
-        with self.pool.connection() as conn:
+        with self.pool.connection(timeout=timeout_s) as conn:
             rows = conn.execute(self._q(
                 "SELECT content_hash, embedding FROM {schema}.cached_vectors(%s, %s, %s, %s)"),
                 ([bytes.fromhex(h) for h in hashes], model, revision, backend),

@@ -7,6 +7,7 @@ are returned to the consumer loop, which stores their offsets, only after the co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -132,8 +133,8 @@ class WriteProcessor:
                     rows.append((msg, to_row(obj, msg, self.cfg)))
             except (InvalidMessage, PermanentError) as exc:
                 failures.append((msg, exc))
+        kept, deletes = _drop_superseded(rows, deletes)
         self._source = {id(item): msg for msg, item in [*rows, *deletes]}
-        kept = _drop_superseded(rows, deletes)
         stats = self._apply(kept, [d for _, d in deletes], failures)
         if failures:
             for msg, err in failures:
@@ -186,9 +187,14 @@ class WriteProcessor:
         return stats
 
 
-def _drop_superseded(rows: list[tuple[Message, Row]],
-                     deletes: list[tuple[Message, DeleteRequest]]) -> list[Row]:
-    """Rows of a document deleted later in the same batch never reach the merge."""
+def _drop_superseded(
+    rows: list[tuple[Message, Row]], deletes: list[tuple[Message, DeleteRequest]]
+) -> tuple[list[Row], list[tuple[Message, DeleteRequest]]]:
+    """Rows of a document deleted later in the same batch never reach the merge.
+
+    Returns the rows to merge, and the deletes, each knowing the highest version it dropped
+    (``supersedes``): its tombstone records that version, as if the rows had been merged first.
+    """
     doc_deletes: dict[tuple[str, str], list[tuple[int, int | None]]] = {}
     tenant_cut: dict[str, datetime] = {}
     for msg, req in deletes:
@@ -204,7 +210,17 @@ def _drop_superseded(rows: list[tuple[Message, Row]],
         return any(offset > row.offset and (version is None or row.doc_version <= version)
                    for offset, version in doc_deletes.get((row.tenant_id, row.doc_id), ()))
 
-    return [row for _, row in rows
-            if not deleted_later(row)
-            and not (row.tenant_id in tenant_cut
-                     and row.published_at <= tenant_cut[row.tenant_id])]
+    kept: list[Row] = []
+    dropped: dict[tuple[str, str], int] = {}
+    for _, row in rows:
+        if row.tenant_id in tenant_cut and row.published_at <= tenant_cut[row.tenant_id]:
+            continue
+        if deleted_later(row):
+            key = (row.tenant_id, row.doc_id)
+            dropped[key] = max(dropped.get(key, 0), row.doc_version)
+        else:
+            kept.append(row)
+    return kept, [
+        (msg, replace(req, supersedes=dropped[(req.tenant_id, req.doc_id)])
+         if req.doc_id is not None and (req.tenant_id, req.doc_id) in dropped else req)
+        for msg, req in deletes]

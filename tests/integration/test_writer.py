@@ -129,8 +129,34 @@ def test_document_delete_removes_rows_writes_audit_and_blocks_late_chunks(store:
         audit = conn.execute("SELECT action, doc_id, rows_deleted, applied, source->>'worker', "
                              "source->>'offset' FROM audit_log").fetchall()
     assert audit == [("delete_document", "a", 2, True, "w1", "9")]
-    store.apply([row("a", 0, version=2)], [])  # a newer version is a new document
+    later = NOW + timedelta(seconds=1)
+    store.apply([row("a", 0, version=2, published=later)], [])  # a new version, published later
     assert ("default", "a", 0) in rows_of(store)
+
+
+def test_delete_without_version_refuses_versions_published_before_it(store: Store) -> None:
+    """A delete without a version removes what was published before it, even versions the
+    writer never stored (a chunk replayed from the dead-letter topic after the delete)."""
+    store.apply([row("a", 0, count=2)], [])  # version 1, chunk 1 is in the dead-letter topic
+    store.apply([], [DeleteRequest("default", "a", None, NOW, {"offset": 9})])
+    before = NOW - timedelta(seconds=5)
+    store.apply([row("a", 1, count=2, published=before)], [])  # replayed, original timestamp
+    store.apply([row("a", 0, version=3, published=before)], [])  # never stored, but older
+    assert rows_of(store) == {}
+    with store.pool.connection() as conn:
+        assert conn.execute("SELECT deleted FROM documents WHERE doc_id = 'a'").fetchone() == (
+            True,)
+    store.apply([row("a", 0, version=4, published=NOW + timedelta(seconds=5))], [])
+    assert set(rows_of(store)) == {("default", "a", 0)}
+
+
+def test_delete_with_version_keeps_newer_versions_published_before_it(store: Store) -> None:
+    """A delete of version 2 does not refuse version 3, whenever version 3 was published."""
+    store.apply([], [DeleteRequest("default", "a", 2, NOW, {"offset": 9})])
+    store.apply([row("a", 0, version=2, published=NOW - timedelta(seconds=5))], [])
+    assert rows_of(store) == {}
+    store.apply([row("a", 0, version=3, published=NOW - timedelta(seconds=5))], [])
+    assert set(rows_of(store)) == {("default", "a", 0)}
 
 
 def test_tenant_delete_removes_every_row_and_earlier_publications(store: Store) -> None:

@@ -318,6 +318,7 @@ def test_rows_of_a_document_deleted_later_in_the_batch_are_dropped() -> None:
         ("d2", 0, 1), ("d1", 0, 2)]
     [req] = call.deletes
     assert (req.tenant_id, req.doc_id, req.version) == ("acme", "d1", None)
+    assert req.supersedes == 1  # the tombstone records the version it dropped
     assert req.source["offset"] == 3
     assert req.published_at == datetime.fromtimestamp((T0 + 3000) / 1000, UTC)
 
