@@ -52,6 +52,8 @@ EXIT_FAILED = 1
 EXIT_DEAD_LETTER_RATE = 3
 
 TP = tuple[str, int]
+# --until-idle: how long a worker waits for its first partitions before it calls itself idle.
+_FIRST_ASSIGNMENT_WAIT_S = 30.0
 
 
 def consumer_config(cfg: KafkaConfig, group: str, **overrides: Any) -> dict[str, Any]:
@@ -183,6 +185,7 @@ class BatchConsumer:
         self._paused = False
         self._drained = False
         self._last_message_at = time.monotonic()
+        self._ever_assigned = False
 
     # -- callbacks (run inside poll, on this thread) ----------------------------------------
 
@@ -200,6 +203,7 @@ class BatchConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned.update((p.topic, p.partition) for p in partitions)
+        self._ever_assigned = self._ever_assigned or bool(partitions)
         self.health.set_ready(bool(self._assigned))
         # --until-idle counts from when there is something to read, not from the group join.
         self._last_message_at = time.monotonic()
@@ -320,8 +324,13 @@ class BatchConsumer:
             self._last_message_at = time.monotonic()
 
     def _idle(self) -> bool:
-        return (self.until_idle_s is not None and not self._pending and self._inflight is None
-                and time.monotonic() - self._last_message_at >= self.until_idle_s)
+        if self.until_idle_s is None or self._pending or self._inflight is not None:
+            return False
+        # Before the first assignment, idle means the group gave this worker nothing for a
+        # while (more workers than partitions); a slow join is not idleness.
+        wait = self.until_idle_s if self._ever_assigned else max(self.until_idle_s,
+                                                                  _FIRST_ASSIGNMENT_WAIT_S)
+        return time.monotonic() - self._last_message_at >= wait
 
     def run(self) -> int:
         """Consume until stopped (exit 0), idle for ``until_idle_s`` (0), or failed (non-zero)."""
