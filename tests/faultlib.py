@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from producers.publisher import Publisher
 from tests.helpers import env_for
@@ -202,8 +202,24 @@ def _partitions(consumer: Consumer, topic: str) -> list[int]:
     return sorted(meta.partitions) if meta is not None and meta.partitions else []
 
 
+def _through_outages(fn: Callable[[], int], timeout: float = 180.0) -> int:
+    """``fn()``, asked again while the broker is away (the soak restarts it under the test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def topic_count(cfg: Any, topic: str) -> int:
     """How many records ``topic`` holds (sum of high minus low watermarks); 0 if it is missing."""
+    return _through_outages(lambda: _topic_count(cfg, topic))
+
+
+def _topic_count(cfg: Any, topic: str) -> int:
     c = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": "vecpipe-faults-count"})
     try:
         total = 0
@@ -217,6 +233,10 @@ def topic_count(cfg: Any, topic: str) -> int:
 
 def committed_lag(cfg: Any, group: str, topic: str) -> int:
     """Records of ``topic`` past the group's committed offsets (0: everything was committed)."""
+    return _through_outages(lambda: _committed_lag(cfg, group, topic))
+
+
+def _committed_lag(cfg: Any, group: str, topic: str) -> int:
     committed = offsets_committed(cfg.kafka, group, topic)
     c = Consumer({"bootstrap.servers": cfg.kafka.bootstrap, "group.id": "vecpipe-faults-count"})
     try:

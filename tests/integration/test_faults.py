@@ -14,6 +14,7 @@ long soak variant. ``VECPIPE_FAULTS_SEED`` repeats a run's kill schedule.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -55,6 +56,7 @@ from tests.faultlib import (
     wait_until,
 )
 from tests.helpers import read_topic, run_cli, run_stage
+from vecpipe.config import Unreachable
 from vecpipe.db import connect
 from vecpipe.deadletter import (
     H_ATTEMPTS,
@@ -169,11 +171,12 @@ def assert_exactly(cfg: Any, corpus: Corpus, log: FaultLog, encoder: Any = None)
 # -- kill -9 ---------------------------------------------------------------------------------------
 
 def kill_campaign(cfg: Any, corpus: Corpus, kills: int, log: FaultLog, logs: Path,
-                  max_delay_s: tuple[float, float] = (4.0, 1.0), drain_idle_s: float = 15.0,
+                  max_delay_s: tuple[float, float] = (0.5, 0.5), drain_idle_s: float = 15.0,
                   more_faults: Callable[[threading.Event], None] | None = None) -> None:
     """Ingest ``corpus`` while each stage is killed with SIGKILL ``kills`` times at random
-    moments (up to ``max_delay_s`` (embed, write) after work reached it), a replacement joining
-    its group each time; then drain with ``--until-idle``.
+    moments, a replacement joining its group each time; then drain with ``--until-idle``. An
+    embed worker dies once a random share of the wave sent just before was embedded, a writer
+    once records wait for it; each up to ``max_delay_s`` (embed, write) later.
 
     The corpus goes out in ``kills + 1`` waves, one just before each embed kill, so that every
     kill finds work under way however fast the machine is. ``more_faults`` runs alongside until
@@ -210,9 +213,23 @@ def kill_campaign(cfg: Any, corpus: Corpus, kills: int, log: FaultLog, logs: Pat
                 time.sleep(3)
         raise AssertionError(f"the {stage} worker could not start ten times in a row")
 
-    def publish_wave() -> None:
-        if waves:
-            log.add("published", waves.pop(0).publish(cfg))
+    def publish_wave() -> int:
+        if not waves:
+            return 0
+        wave = waves.pop(0)
+        for attempt in range(60):
+            try:
+                sent = wave.publish(cfg)
+                log.add("published", sent)
+                return sent
+            except Unreachable:  # the broker is being restarted (soak): publish once it is back
+                if attempt == 59:
+                    raise
+                time.sleep(3)
+        return 0
+
+    def embedded_at_least(n: int) -> bool:
+        return topic_count(cfg, k.embeddings_topic) >= n
 
     def has_work(stage: str) -> Callable[[], bool]:
         # A kill while idle proves little: wait until the group has records not yet committed.
@@ -233,8 +250,15 @@ def kill_campaign(cfg: Any, corpus: Corpus, kills: int, log: FaultLog, logs: Pat
                 drain = ["--until-idle", str(drain_idle_s)] if last else []
                 replacement = start_assigned(stage, *drain)
                 if stage == "embed":
-                    publish_wave()
-                wait_until(has_work(stage), 600, f"work for the {stage} worker", every=0.5)
+                    # Killed at a random point of the wave's progress, whatever the machine's
+                    # speed: after a random share of it was embedded and acknowledged.
+                    before = topic_count(cfg, k.embeddings_topic)
+                    share = rng.uniform(0.05, 0.8)
+                    target = before + int(share * publish_wave())
+                    wait_until(functools.partial(embedded_at_least, target), 600,
+                               f"{share:.0%} of the wave embedded", every=0.1)
+                else:
+                    wait_until(has_work(stage), 600, "work for the writer", every=0.5)
                 time.sleep(rng.uniform(0.0, max_delay_s[stage == "write"]))
                 assert current.proc.poll() is None, (
                     f"{stage} worker exited {current.proc.returncode} before its kill:\n"
@@ -855,6 +879,6 @@ def test_soak_kills_restarts_and_rebalances_over_a_long_ingest(
 
     with services_restored(home):
         kill_campaign(cfg, corpus, kills=20, log=fault_log, logs=tmp_path / "logs",
-                      max_delay_s=(8.0, 3.0), drain_idle_s=60.0,
+                      max_delay_s=(2.0, 2.0), drain_idle_s=60.0,
                       more_faults=restarts if home is not None else None)
     assert_exactly(cfg, corpus, fault_log, encoder)
