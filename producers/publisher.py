@@ -6,7 +6,9 @@
 
 Messages are keyed by tenant/document, so a document's chunks and its deletes stay in order on
 one partition. The producer is idempotent (acks=all) and compressed; :meth:`Publisher.flush`
-(and leaving the ``with`` block) raises :class:`DeliveryFailed` if the broker refused anything.
+(and leaving the ``with`` block) raises :class:`DeliveryRefused` if the broker refused a
+message for good (too large, not authorized) and :class:`DeliveryFailed` if it did not
+acknowledge one in time.
 """
 
 from __future__ import annotations

@@ -344,10 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from vecpipe.faults import DeliveryFailed
+        from vecpipe.faults import DeliveryFailed, DeliveryRefused
         from vecpipe.migrate import MigrationError
 
-        if isinstance(exc, DeliveryFailed | MigrationError):
+        if isinstance(exc, DeliveryFailed | DeliveryRefused | MigrationError):
             print(f"vecpipe {args.command}: {exc}", file=sys.stderr)
             return EXIT_USAGE
         raise

@@ -15,7 +15,7 @@ from jsonschema import Draft202012Validator
 
 from producers.publisher import Publisher
 from tests.helpers import env_for, read_topic
-from vecpipe.faults import DeliveryFailed
+from vecpipe.faults import DeliveryRefused
 from vecpipe.messages import (
     CHUNK,
     DELETE,
@@ -60,7 +60,8 @@ def test_chunks_and_deletes_of_a_document_share_its_key_partition_and_order(cfg:
 
 
 def test_a_refused_delivery_is_raised_never_ignored(cfg: Any) -> None:
-    """When the broker refuses a message, flush (and leaving the block) raises DeliveryFailed."""
+    """When the broker refuses a message for good, flush (and leaving the block) raises
+    DeliveryRefused, naming the topic and the setting to look at."""
     topic = cfg.kafka.chunks_topic + ".small"
     admin = admin_client(cfg.kafka)
     admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
@@ -69,7 +70,8 @@ def test_a_refused_delivery_is_raised_never_ignored(cfg: Any) -> None:
 
     small = replace(cfg, kafka=replace(cfg.kafka, chunks_topic=topic))
     big = " ".join(os.urandom(6).hex() for _ in range(400))  # random: lz4 cannot shrink it
-    with pytest.raises(DeliveryFailed), Publisher(small, create_topics=False) as pub:
+    with pytest.raises(DeliveryRefused, match=f"topic '{topic}'.*max.message.bytes"), \
+            Publisher(small, create_topics=False) as pub:
         pub.publish(Document("acme", "big", big, version=1))
 
 
