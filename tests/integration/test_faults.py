@@ -8,7 +8,8 @@ deletes applied. The figures of every scenario are printed at the end and writte
 ``$VECPIPE_FAULTS_REPORT`` (default: ``faults-report.json`` in pytest's base temp folder).
 
 Sizes are bounded so that the file runs in a few minutes on two cores; ``VECPIPE_SOAK=1`` adds the
-long soak variant. ``VECPIPE_FAULTS_SEED`` repeats a run's kill schedule.
+long soak variant (``VECPIPE_SOAK_DOCS`` documents per tenant, default 2,500).
+``VECPIPE_FAULTS_SEED`` repeats a run's kill schedule.
 """
 
 from __future__ import annotations
@@ -863,7 +864,8 @@ def test_soak_kills_restarts_and_rebalances_over_a_long_ingest(
 ) -> None:
     """Invariants 1-3 and 6 over a long ingest: many SIGKILLs, and service restarts where native."""
     cfg = migrated
-    corpus = Corpus.build(tenants=4, docs=2500, chunks=4, updates=500, deletes=200)
+    docs = int(os.environ.get("VECPIPE_SOAK_DOCS", "2500"))  # per tenant; 4 chunks each
+    corpus = Corpus.build(tenants=4, docs=docs, chunks=4, updates=docs // 5, deletes=docs // 12)
     home = (native_home(tmp_path_factory.getbasetemp(), endpoints.bootstrap)
             if endpoints.how == "native" else None)
 
