@@ -11,11 +11,12 @@ only those (retrying a whole batch would duplicate what was delivered), or
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import (
-    TIMESTAMP_NOT_AVAILABLE,
     KafkaError,
     KafkaException,
     Message,
@@ -60,21 +61,27 @@ def producer_config(cfg: KafkaConfig, **overrides: Any) -> dict[str, Any]:
     return base
 
 
+@dataclass(frozen=True)
+class _Record:
+    """What was produced, kept until acknowledged: a failed delivery report carries neither the
+    headers nor the timestamp, so a message queued again is rebuilt from this."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, str | bytes | None]]
+    timestamp: int
+    on_delivery: Callable[[KafkaError | None, Message], None] | None
+
+
 class DurableProducer:
     """Wraps ``confluent_kafka.Producer``: backpressure on a full queue, failures surfaced."""
 
     def __init__(self, cfg: KafkaConfig, **overrides: Any) -> None:
         self._producer = Producer(producer_config(cfg, **overrides))
-        self._failed: list[tuple[KafkaError, Message]] = []
+        self._failed: list[tuple[KafkaError, _Record]] = []
         self._lock = threading.Lock()
         self.delivered = 0
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        with self._lock:
-            if err is not None:
-                self._failed.append((err, msg))
-            else:
-                self.delivered += 1
 
     def produce(
         self,
@@ -85,22 +92,31 @@ class DurableProducer:
         timestamp: int | None = None,
         on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
-        """Queue one message; when the local queue is full, serve callbacks until there is room."""
-        callback = self._on_delivery
-        if on_delivery is not None:
-            user_cb = on_delivery
+        """Queue one message; when the local queue is full, serve callbacks until there is room.
 
-            def callback(err: KafkaError | None, msg: Message) -> None:
-                self._on_delivery(err, msg)
-                user_cb(err, msg)
+        Without ``timestamp`` the message gets the time of this call (Kafka's CreateTime), and
+        keeps it if it has to be sent again.
+        """
+        if timestamp is None or timestamp <= 0:
+            timestamp = int(time.time() * 1000)
+        kept: list[tuple[str, str | bytes | None]] = list(header_list(headers))
+        self._send(_Record(topic, value, key, kept, timestamp, on_delivery))
 
-        kwargs: dict[str, Any] = {"key": key, "headers": header_list(headers),
-                                  "on_delivery": callback}
-        if timestamp:
-            kwargs["timestamp"] = timestamp
+    def _send(self, record: _Record) -> None:
+        def callback(err: KafkaError | None, msg: Message) -> None:
+            with self._lock:
+                if err is not None:
+                    self._failed.append((err, record))
+                else:
+                    self.delivered += 1
+            if record.on_delivery is not None:
+                record.on_delivery(err, msg)
+
         while True:
             try:
-                self._producer.produce(topic, value, **kwargs)
+                self._producer.produce(record.topic, record.value, key=record.key,
+                                       headers=record.headers, timestamp=record.timestamp,
+                                       on_delivery=callback)
                 break
             except BufferError:
                 # Backpressure: the queue is full, so wait for acknowledgements to free room.
@@ -109,8 +125,9 @@ class DurableProducer:
                 err = exc.args[0] if exc.args else None
                 if isinstance(err, KafkaError) and err.code() in _REFUSALS:
                     raise DeliveryRefused(
-                        f"the producer refused a message of {len(value or b'')} bytes to topic "
-                        f"{topic!r}: {err.str()}; see message.max.bytes (kafka.client)."
+                        f"the producer refused a message of {len(record.value or b'')} bytes to "
+                        f"topic {record.topic!r}: {err.str()}; see message.max.bytes "
+                        "(kafka.client)."
                     ) from None
                 raise
         self._producer.poll(0)
@@ -133,19 +150,17 @@ class DurableProducer:
         remaining = self._producer.flush(timeout)
         with self._lock:
             failed, self._failed = self._failed, []
-        refused = [(err, msg) for err, msg in failed if err.code() in _REFUSALS or err.fatal()]
+        refused = [(err, r) for err, r in failed if err.code() in _REFUSALS or err.fatal()]
+        retry = [r for err, r in failed if not (err.code() in _REFUSALS or err.fatal())]
+        for record in retry:
+            self._send(record)
         if refused:
-            err, msg = refused[0]
-            size = len(msg.value() or b"")
+            err, record = refused[0]
             raise DeliveryRefused(
-                f"the broker refused {len(refused)} message(s) for good, first one of {size} "
-                f"bytes to topic {msg.topic()!r}: {err.str()}; see that topic's settings "
-                "(max.message.bytes, ACLs)."
+                f"the broker refused {len(refused)} message(s) for good, first one of "
+                f"{len(record.value or b'')} bytes to topic {record.topic!r}: {err.str()}; see "
+                "that topic's settings (max.message.bytes, ACLs)."
             )
-        for _, msg in failed:
-            ts_type, ts = msg.timestamp()
-            self.produce(msg.topic() or "", msg.value(), key=msg.key(), headers=msg.headers(),
-                         timestamp=ts if ts_type != TIMESTAMP_NOT_AVAILABLE else None)
         if failed:
             raise DeliveryFailed(
                 f"{len(failed)} message(s) were not acknowledged by the broker, first: "

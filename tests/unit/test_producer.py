@@ -61,7 +61,11 @@ class FakeLibrdkafka:
     def flush(self, timeout: float = 0) -> int:
         queue, self.queue = self.queue, []
         for msg, callback in queue:
-            callback(self.fail.pop(msg.value(), None), msg)
+            err = self.fail.pop(msg.value(), None)
+            if err is not None:
+                # As librdkafka reports a failed delivery: no headers, no timestamp.
+                msg = FakeMessage(msg.topic(), msg.value(), msg.key(), None, -1)  # type: ignore[arg-type]
+            callback(err, msg)
         return 0
 
     def __len__(self) -> int:
@@ -88,11 +92,28 @@ def test_failed_flush_requeues_only_the_unacknowledged_messages() -> None:
     assert fake.sent[3] == FakeMessage("t", b"b", b"k-b", [("h", b"1")], 1234)
 
 
-def test_message_refused_for_good_is_not_retried() -> None:
-    """A message the broker will never take raises DeliveryRefused naming the topic."""
-    p, fake = producer({b"big": KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)})
+def test_message_refused_for_good_is_not_retried_and_the_others_are() -> None:
+    """A message the broker will never take raises DeliveryRefused naming the topic; one that
+    timed out in the same flush is still queued again."""
+    p, fake = producer({b"big": KafkaError(KafkaError.MSG_SIZE_TOO_LARGE),
+                        b"late": KafkaError(KafkaError._MSG_TIMED_OUT)})
     p.produce("orders.dlq", b"big", key=b"k")
+    p.produce("orders.dlq", b"late", key=b"k")
     with pytest.raises(DeliveryRefused, match=r"'orders.dlq'.*max.message.bytes"):
         p.flush()
     p.flush()
-    assert [m.value() for m in fake.sent] == [b"big"]
+    assert [m.value() for m in fake.sent] == [b"big", b"late", b"late"]
+
+
+def test_a_message_without_timestamp_keeps_its_first_one_when_sent_again() -> None:
+    """CreateTime is the time of produce(), also for the copy sent after a failure (the writer
+    orders deletes by it)."""
+    p, fake = producer({b"a": KafkaError(KafkaError._MSG_TIMED_OUT)})
+    calls: list[KafkaError | None] = []
+    p.produce("t", b"a", key=b"k", on_delivery=lambda err, msg: calls.append(err))
+    with pytest.raises(DeliveryFailed):
+        p.flush()
+    p.flush()
+    first, again = fake.sent
+    assert first._ts > 0 and again._ts == first._ts
+    assert [c is None for c in calls] == [False, True]  # the caller hears of both outcomes
