@@ -51,13 +51,15 @@ def ensure_topics(
     if not missing:
         return
     dlqs = {cfg.dlq_topic(t) for t in (cfg.chunks_topic, cfg.embeddings_topic)}
-    # A dead letter is its record plus error headers (up to ~10 kB), so a record that just fit
-    # its own topic must still fit the dead-letter topic: that one takes what producers send.
-    dlq_config = {"retention.ms": str(cfg.dlq_retention_ms),
-                  "max.message.bytes": str(MAX_MESSAGE_BYTES)}
+    # A record grows on its way: an embedding is its chunk plus the vector, a dead letter its
+    # record plus error headers. So a chunk that just fit the chunks topic (the broker's default
+    # limit, 1 MiB) must still fit the topics after it: those take what producers send.
+    large = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+    config = {cfg.embeddings_topic: large,
+              **{t: {**large, "retention.ms": str(cfg.dlq_retention_ms)} for t in dlqs}}
     futures = admin.create_topics(
         [NewTopic(t, num_partitions=cfg.partitions, replication_factor=cfg.replication_factor,
-                  config=dlq_config if t in dlqs else {})
+                  config=config.get(t, {}))
          for t in missing],
         operation_timeout=timeout,
     )

@@ -32,7 +32,7 @@ from vecpipe.messages import (
     encode_embedding,
     schema_headers,
 )
-from vecpipe.producer import DurableProducer
+from vecpipe.producer import MAX_MESSAGE_BYTES, DurableProducer
 
 __all__ = ["EmbedProcessor", "EncoderLike", "VectorCache"]
 
@@ -48,6 +48,19 @@ class EncoderLike(Protocol):
     def encode(self, texts: list[str], batch_size: int | None = None) -> npt.NDArray[np.float32]:
         """Embed texts into float32 rows."""
         ...
+
+
+# The largest embedding value produced: what the embeddings topic takes (vecpipe.topics creates
+# it with max.message.bytes = MAX_MESSAGE_BYTES), less room for the key, headers and framing.
+_MAX_EMBEDDING_BYTES = MAX_MESSAGE_BYTES - 65_536
+
+# Encoded when every record of a batch failed in the model: if this fails too, the model is
+# broken (a bad deploy, a lost device) and the worker stops rather than dead-letter everything.
+_PROBE_TEXT = "A plain sentence that every text model can encode."
+
+
+class _ModelRefused(PermanentError):
+    """The model raised on this record alone (its cause is the model's exception)."""
 
 
 # After a failed lookup (the database is away), batches are encoded without asking the cache.
@@ -141,7 +154,9 @@ class EmbedProcessor:
                 self.producer.produce(self.out_topic, msg.value(), key=msg.key(),
                                       headers=msg.headers(), timestamp=msg.timestamp()[1])
             elif out.error is None and out.vector is not None:
-                self._produce_embedding(out)
+                out.error = self._produce_embedding(out)
+                if out.error is not None:
+                    failures.append((msg, out.error))
         for msg, err in failures:
             if batch.owned(msg):
                 self.dead_letters.send(msg, err)
@@ -168,7 +183,9 @@ class EmbedProcessor:
 
         return on_retry
 
-    def _produce_embedding(self, item: _Item) -> None:
+    def _produce_embedding(self, item: _Item) -> PermanentError | None:
+        """Queue the embedding of ``item``; a chunk whose embedding no topic can take (huge
+        metadata, say) is the record's fault: return the error that dead-letters it."""
         assert item.vector is not None
         emb = Embedding(
             chunk=item.chunk,
@@ -177,14 +194,21 @@ class EmbedProcessor:
             model_revision=self.encoder.revision,
             backend=self.encoder.backend_tag,
         )
+        value = encode_embedding(emb, self.wire_dtype)
+        if len(value) > _MAX_EMBEDDING_BYTES:
+            return PermanentError(
+                f"the embedding message would be {len(value)} bytes, more than the "
+                f"{_MAX_EMBEDDING_BYTES} a message may have; shrink the chunk's metadata."
+            )
         self.producer.produce(
             self.out_topic,
-            encode_embedding(emb, self.wire_dtype),
+            value,
             key=item.chunk.key,
             headers=schema_headers(EMBEDDING),
             # Keep the publish time: tenant deletions compare against it downstream.
             timestamp=item.msg.timestamp()[1],
         )
+        return None
 
     # -- vectors ---------------------------------------------------------------------------------
 
@@ -219,11 +243,24 @@ class EmbedProcessor:
         ordered = sorted(items, key=lambda it: len(it.chunk.text))
         started = time.perf_counter()
         self._encode_split(ordered)
+        refused = [it.error for it in ordered if isinstance(it.error, _ModelRefused)]
+        if len(ordered) > 1 and len(refused) == len(ordered) and not self._model_works():
+            # Every input failed, and so does a plain sentence: the model is broken, not the
+            # records. Stop the worker (nothing committed) instead of dead-lettering everything.
+            cause = refused[0].__cause__
+            raise cause if cause is not None else refused[0]
         self.metrics.encode_seconds.labels(self.metrics.stage).observe(
             time.perf_counter() - started)
         for it in ordered:
             if it.vector is not None:
                 it.vector, it.error = self._check(it.vector)
+
+    def _model_works(self) -> bool:
+        try:
+            self.encoder.encode([_PROBE_TEXT])
+        except Exception:
+            return False
+        return True
 
     def _encode_split(self, items: list[_Item]) -> None:
         """Encode; on out-of-memory, halve the batch, down to single items that are retried."""
@@ -253,8 +290,9 @@ class EmbedProcessor:
             # the stage: halve the batch until that input is alone, and dead-letter it. A model
             # that fails on everything dead-letters fast and trips the dead-letter rate cap.
             if len(items) == 1:
-                items[0].error = PermanentError(
+                items[0].error = _ModelRefused(
                     f"the model could not encode this chunk: {type(exc).__name__}: {exc}")
+                items[0].error.__cause__ = exc
                 return
             self.metrics.retries.labels(self.metrics.stage, "error_split").inc()
             self.log.warning("encode_error_split", size=len(items), error=str(exc))

@@ -39,6 +39,7 @@ from vecpipe.messages import (
     encode_embedding,
     schema_headers,
 )
+from workers import embed as embed_module
 from workers.embed import EmbedProcessor
 
 DIM = 4
@@ -76,8 +77,9 @@ class FakeEncoder:
 
     def __init__(self, *, oom_above: int | None = None, oom_text: str | None = None,
                  nan_text: str | None = None, zero_text: str | None = None,
-                 refused_text: str | None = None) -> None:
+                 refused_text: str | None = None, broken: bool = False) -> None:
         self.refused_text = refused_text
+        self.broken = broken
         self.oom_above = oom_above
         self.oom_text = oom_text
         self.nan_text = nan_text
@@ -91,7 +93,7 @@ class FakeEncoder:
                 self.oom_text is not None and self.oom_text in texts):
             self.ooms += 1
             raise ModelOutOfMemory(f"CUDA out of memory on {len(texts)} texts")
-        if self.refused_text is not None and self.refused_text in texts:
+        if self.broken or (self.refused_text is not None and self.refused_text in texts):
             raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
         rows = []
         for text in texts:
@@ -348,6 +350,43 @@ def test_input_the_model_refuses_is_isolated_and_dead_lettered_alone() -> None:
     assert dead.key == b"acme/bad"
     assert "the model could not encode this chunk: TypeError" in dead_message(dead)
     assert s.encoder.calls.count(["bad text!!"]) == 1  # not transient: no retries
+
+
+def test_a_model_that_fails_on_everything_stops_the_worker_and_dead_letters_nothing() -> None:
+    """When every record fails and so does a plain sentence, the model is broken: the batch
+    raises (the worker stops, nothing is committed) instead of filling the dead-letter topic."""
+    feed = Feed()
+    msgs = [feed.chunk(chunk(f"text {i}", doc=f"d{i}")) for i in range(4)]
+    s = stage(FakeEncoder(broken=True))
+    with pytest.raises(TypeError, match="TextEncodeInput"):
+        s.run(msgs)
+    assert s.dead() == [] and s.embeddings() == []
+
+
+def test_batch_of_records_the_model_refuses_is_dead_lettered_when_the_model_works() -> None:
+    """Every record refused, yet a plain sentence encodes: the records are at fault."""
+    feed = Feed()
+    msgs = [feed.chunk(chunk("bad text!!", doc=f"d{i}")) for i in range(3)]
+    s = stage(FakeEncoder(refused_text="bad text!!"))
+    assert s.run(msgs) == msgs
+    assert len(s.dead()) == 3
+
+
+def test_chunk_whose_embedding_is_too_large_for_a_message_is_dead_lettered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Huge metadata can make an embedding larger than any message may be: that record is
+    dead-lettered with its size, the others go on (the broker would refuse it forever)."""
+    monkeypatch.setattr(embed_module, "_MAX_EMBEDDING_BYTES", 2000)
+    feed = Feed()
+    small = feed.chunk(chunk("small text", doc="small"))
+    big_chunk = replace(chunk("big metadata", doc="big"), metadata={"blob": "x" * 3000})
+    big = feed.chunk(big_chunk)
+    s = stage()
+    assert s.run([small, big]) == [small, big]
+    assert [decoded(o).chunk.doc_id for o in s.embeddings()] == ["small"]
+    [dead] = s.dead()
+    assert "more than the 2000 a message may have" in dead_message(dead)
 
 
 def test_known_vectors_are_reused_without_inference() -> None:
