@@ -52,8 +52,6 @@ EXIT_FAILED = 1
 EXIT_DEAD_LETTER_RATE = 3
 
 TP = tuple[str, int]
-# --until-idle: how long a worker waits for its first partitions before it calls itself idle.
-_FIRST_ASSIGNMENT_WAIT_S = 30.0
 
 
 def consumer_config(cfg: KafkaConfig, group: str, **overrides: Any) -> dict[str, Any]:
@@ -174,9 +172,10 @@ class BatchConsumer:
         self.until_idle_s = until_idle_s
         self.grace_s = shutdown_grace_s
         self.on_fatal = on_fatal
-        self.consumer = Consumer(
-            consumer_config(kafka, group, stats_cb=self._on_stats, error_cb=self._on_error)
-        )
+        conf = consumer_config(kafka, group, stats_cb=self._on_stats, error_cb=self._on_error)
+        self.consumer = Consumer(conf)
+        # --until-idle: a first join may wait for a killed member's session to expire.
+        self._first_join_wait_s = int(conf.get("session.timeout.ms", 45_000)) / 1000 + 15.0
         self._inflight: tuple[Batch, Future[list[Message]], float] | None = None
         self._pending: list[Message] = []
         self._pending_weight = 0
@@ -185,7 +184,7 @@ class BatchConsumer:
         self._paused = False
         self._drained = False
         self._last_message_at = time.monotonic()
-        self._ever_assigned = False
+        self._joined = False
 
     # -- callbacks (run inside poll, on this thread) ----------------------------------------
 
@@ -203,7 +202,7 @@ class BatchConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned.update((p.topic, p.partition) for p in partitions)
-        self._ever_assigned = self._ever_assigned or bool(partitions)
+        self._joined = True
         self.health.set_ready(bool(self._assigned))
         # --until-idle counts from when there is something to read, not from the group join.
         self._last_message_at = time.monotonic()
@@ -326,10 +325,11 @@ class BatchConsumer:
     def _idle(self) -> bool:
         if self.until_idle_s is None or self._pending or self._inflight is not None:
             return False
-        # Before the first assignment, idle means the group gave this worker nothing for a
-        # while (more workers than partitions); a slow join is not idleness.
-        wait = self.until_idle_s if self._ever_assigned else max(self.until_idle_s,
-                                                                  _FIRST_ASSIGNMENT_WAIT_S)
+        # A slow first join is not idleness: the broker may be creating __consumer_offsets, or
+        # the group waiting for a killed member's session to expire. Once joined (with
+        # partitions or, more workers than partitions, without), idle time counts.
+        wait = self.until_idle_s if self._joined else max(self.until_idle_s,
+                                                           self._first_join_wait_s)
         return time.monotonic() - self._last_message_at >= wait
 
     def run(self) -> int:
