@@ -67,6 +67,9 @@ ON CONFLICT (tenant_id, doc_id) DO UPDATE
 SET version = EXCLUDED.version, chunk_count = EXCLUDED.chunk_count, deleted = false,
     updated_at = now()
 WHERE d.version < EXCLUDED.version
+   -- Deleted without a version: the same version published again after the delete (the rows
+   -- published before it were filtered out above) brings the document back.
+   OR (d.deleted AND d.deleted_before IS NOT NULL AND d.version = EXCLUDED.version)
 """
 
 # 2. Merge the chunks of each document's newest version. A row is rewritten only when its
@@ -82,6 +85,7 @@ SELECT s.tenant_id, s.doc_id, s.chunk_index, s.doc_version, s.chunk_count, s.con
 FROM vecpipe_staging s
 JOIN {schema}.documents d ON d.tenant_id = s.tenant_id AND d.doc_id = s.doc_id
 WHERE s.doc_version = d.version AND NOT d.deleted AND s.chunk_index < d.chunk_count
+  AND (d.deleted_before IS NULL OR s.published_at > d.deleted_before)
 ORDER BY s.tenant_id, s.doc_id, s.chunk_index
 ON CONFLICT (tenant_id, doc_id, chunk_index) DO UPDATE
 SET doc_version = EXCLUDED.doc_version, chunk_count = EXCLUDED.chunk_count,
@@ -277,8 +281,9 @@ class Store:
             "                               EXCLUDED.deleted_before)"),
             (req.tenant_id, req.published_at))
         conn.execute(self._q(
-            "UPDATE {schema}.documents SET deleted = true, updated_at = now()"
-            " WHERE tenant_id = %s AND NOT deleted"), (req.tenant_id,))
+            "UPDATE {schema}.documents SET deleted = true, updated_at = now(),"
+            " deleted_before = greatest(deleted_before, %s)"
+            " WHERE tenant_id = %s"), (req.published_at, req.tenant_id))
         cur = conn.execute(self._q("DELETE FROM {schema}.chunks WHERE tenant_id = %s"),
                            (req.tenant_id,))
         removed = max(cur.rowcount, 0)

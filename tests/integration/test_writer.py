@@ -150,6 +150,17 @@ def test_delete_without_version_refuses_versions_published_before_it(store: Stor
     assert set(rows_of(store)) == {("default", "a", 0)}
 
 
+def test_same_version_published_again_after_an_unversioned_delete_lands(store: Store) -> None:
+    """A file indexed, deleted, then published again unchanged (same version, from its mtime)
+    comes back; a chunk of that version published before the delete does not come with it."""
+    store.apply([row("a", 0, count=2), row("a", 1, count=2)], [])
+    store.apply([], [DeleteRequest("default", "a", None, NOW, {"offset": 9})])
+    later = NOW + timedelta(seconds=5)
+    store.apply([row("a", 0, count=2, published=later),
+                 row("a", 1, count=2, published=NOW - timedelta(seconds=5))], [])
+    assert set(rows_of(store)) == {("default", "a", 0)}
+
+
 def test_delete_with_version_keeps_newer_versions_published_before_it(store: Store) -> None:
     """A delete of version 2 does not refuse version 3, whenever version 3 was published."""
     store.apply([], [DeleteRequest("default", "a", 2, NOW, {"offset": 9})])
