@@ -57,10 +57,12 @@ class ModelOutOfMemory(TransientError):
     """The device ran out of memory on a batch; smaller batches may fit."""
 
 
-# SQLSTATE classes that mean "try again": serialization failure, deadlock, connection trouble,
-# admin shutdown, too many connections, lock timeout, query cancelled by statement_timeout.
-_TRANSIENT_SQLSTATES = ("40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "53300")
-_TRANSIENT_SQL_CLASSES = ("08",)
+# SQLSTATEs that mean "try again": serialization failure, deadlock, statement completion
+# unknown, lock not available; and whole classes: 08 connection exception, 53 insufficient
+# resources (disk full, out of memory, too many connections), 57 operator intervention
+# (statement timeout, admin shutdown, crash recovery), 58 system error (I/O).
+_TRANSIENT_SQLSTATES = ("40001", "40P01", "40003", "55P03")
+_TRANSIENT_SQL_CLASSES = ("08", "53", "57", "58")
 
 
 def _is_transient_kafka(exc: KafkaException) -> bool:
