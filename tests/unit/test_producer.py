@@ -3,41 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
-from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError
+from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE, KafkaError
 
+from tests.fakes import FakeRecord
 from vecpipe.config import KafkaConfig
 from vecpipe.faults import DeliveryFailed, DeliveryRefused
 from vecpipe.producer import DurableProducer
-
-
-@dataclass
-class FakeMessage:
-    """What a delivery report carries."""
-
-    _topic: str
-    _value: bytes
-    _key: bytes
-    _headers: list[tuple[str, bytes]]
-    _ts: int
-
-    def topic(self) -> str:
-        return self._topic
-
-    def value(self) -> bytes:
-        return self._value
-
-    def key(self) -> bytes:
-        return self._key
-
-    def headers(self) -> list[tuple[str, bytes]]:
-        return self._headers
-
-    def timestamp(self) -> tuple[int, int]:
-        return (TIMESTAMP_CREATE_TIME, self._ts)
 
 
 @dataclass
@@ -45,13 +20,13 @@ class FakeLibrdkafka:
     """Delivers on flush; the values in ``fail`` get ``fail[value]`` once instead."""
 
     fail: dict[bytes, KafkaError]
-    sent: list[FakeMessage] = field(default_factory=list)
-    queue: list[tuple[FakeMessage, Callable[[KafkaError | None, Any], None]]] = field(
+    sent: list[FakeRecord] = field(default_factory=list)
+    queue: list[tuple[FakeRecord, Callable[[KafkaError | None, Any], None]]] = field(
         default_factory=list)
 
     def produce(self, topic: str, value: bytes, *, key: bytes, headers: Any,
                 on_delivery: Any, timestamp: int = 0) -> None:
-        msg = FakeMessage(topic, value, key, headers, timestamp)
+        msg = FakeRecord(topic, 0, 0, key, value, headers, (TIMESTAMP_CREATE_TIME, timestamp))
         self.sent.append(msg)
         self.queue.append((msg, on_delivery))
 
@@ -61,10 +36,10 @@ class FakeLibrdkafka:
     def flush(self, timeout: float = 0) -> int:
         queue, self.queue = self.queue, []
         for msg, callback in queue:
-            err = self.fail.pop(msg.value(), None)
+            err = self.fail.pop(msg.value() or b"", None)
             if err is not None:
                 # As librdkafka reports a failed delivery: no headers, no timestamp.
-                msg = FakeMessage(msg.topic(), msg.value(), msg.key(), None, -1)  # type: ignore[arg-type]
+                msg = replace(msg, headers_=None, timestamp_=(TIMESTAMP_NOT_AVAILABLE, -1))  # type: ignore[arg-type]
             callback(err, msg)
         return 0
 
@@ -89,7 +64,8 @@ def test_failed_flush_requeues_only_the_unacknowledged_messages() -> None:
     p.flush()
     assert [m.value() for m in fake.sent] == [b"a", b"b", b"c", b"b"]
     assert p.delivered == 3
-    assert fake.sent[3] == FakeMessage("t", b"b", b"k-b", [("h", b"1")], 1234)
+    assert fake.sent[3] == FakeRecord("t", 0, 0, b"k-b", b"b", [("h", b"1")],
+                                      (TIMESTAMP_CREATE_TIME, 1234))
 
 
 def test_message_refused_for_good_is_not_retried_and_the_others_are() -> None:
@@ -115,5 +91,5 @@ def test_a_message_without_timestamp_keeps_its_first_one_when_sent_again() -> No
         p.flush()
     p.flush()
     first, again = fake.sent
-    assert first._ts > 0 and again._ts == first._ts
+    assert first.timestamp()[1] > 0 and again.timestamp() == first.timestamp()
     assert [c is None for c in calls] == [False, True]  # the caller hears of both outcomes
