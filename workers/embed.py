@@ -263,7 +263,8 @@ class EmbedProcessor:
         return True
 
     def _encode_split(self, items: list[_Item]) -> None:
-        """Encode; on out-of-memory, halve the batch, down to single items that are retried."""
+        """Encode; on out-of-memory or an input the model refuses, halve the batch, down to
+        single items (which are retried)."""
         texts = [it.chunk.text for it in items]
         try:
             if len(items) == 1:
@@ -271,31 +272,28 @@ class EmbedProcessor:
                                           on_retry=self._on_retry("model"))
             else:
                 vectors = self.encoder.encode(texts, self.cfg.embed.encode_batch_size)
-        except ModelOutOfMemory as exc:
-            if len(items) == 1:
-                items[0].error = PermanentError(
-                    f"the model ran out of memory on this chunk alone, even after retries: {exc}"
-                )
-                return
-            self.metrics.retries.labels(self.metrics.stage, "oom_split").inc()
-            self.log.warning("oom_split", size=len(items))
-            half = len(items) // 2
-            self._encode_split(items[:half])
-            self._encode_split(items[half:])
-            return
         except Exception as exc:
-            if is_transient(exc):
+            oom = isinstance(exc, ModelOutOfMemory)
+            if is_transient(exc) and not oom:
                 raise  # retries were spent (or it is a batch): the worker stops, nothing lost
-            # One input the model cannot take (say, text its tokenizer refuses) must not stop
-            # the stage: halve the batch until that input is alone, and dead-letter it. A model
-            # that fails on everything dead-letters fast and trips the dead-letter rate cap.
+            # Out of memory: smaller batches may fit. Any other error: one input the model cannot
+            # take (say, text its tokenizer refuses) must not stop the stage. Either way, halve
+            # the batch down to single items and dead-letter what fails alone (_encode stops the
+            # worker instead when the model fails on everything).
             if len(items) == 1:
-                items[0].error = _ModelRefused(
-                    f"the model could not encode this chunk: {type(exc).__name__}: {exc}")
-                items[0].error.__cause__ = exc
+                if oom:
+                    items[0].error = PermanentError(
+                        f"the model ran out of memory on this chunk alone, even after retries: "
+                        f"{exc}")
+                else:
+                    items[0].error = _ModelRefused(
+                        f"the model could not encode this chunk: {type(exc).__name__}: {exc}")
+                    items[0].error.__cause__ = exc
                 return
-            self.metrics.retries.labels(self.metrics.stage, "error_split").inc()
-            self.log.warning("encode_error_split", size=len(items), error=str(exc))
+            self.metrics.retries.labels(self.metrics.stage,
+                                        "oom_split" if oom else "error_split").inc()
+            self.log.warning("oom_split" if oom else "encode_error_split", size=len(items),
+                             error=str(exc))
             half = len(items) // 2
             self._encode_split(items[:half])
             self._encode_split(items[half:])
