@@ -29,8 +29,8 @@ from vecpipe.messages import HeaderLike, header_list
 
 __all__ = ["MAX_MESSAGE_BYTES", "DurableProducer", "producer_config"]
 
-# The largest message (key, value and headers) producers send, and what the dead-letter topics
-# accept (vecpipe.topics); the pipeline's other topics keep the broker's default (1 MiB).
+# The largest message (key, value and headers) producers send, and what the embeddings and
+# dead-letter topics accept (vecpipe.topics); the chunks topic keeps the broker's default (1 MiB).
 MAX_MESSAGE_BYTES = 10_485_760
 
 # Refusals that no retry can change: the message itself, or this client's rights, are the cause.
@@ -150,10 +150,12 @@ class DurableProducer:
         remaining = self._producer.flush(timeout)
         with self._lock:
             failed, self._failed = self._failed, []
-        refused = [(err, r) for err, r in failed if err.code() in _REFUSALS or err.fatal()]
-        retry = [r for err, r in failed if not (err.code() in _REFUSALS or err.fatal())]
-        for record in retry:
-            self._send(record)
+        refused: list[tuple[KafkaError, _Record]] = []
+        for err, record in failed:
+            if err.code() in _REFUSALS or err.fatal():
+                refused.append((err, record))
+            else:
+                self._send(record)
         if refused:
             err, record = refused[0]
             raise DeliveryRefused(
