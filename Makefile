@@ -1,12 +1,13 @@
 # vecpipe: `make demo` runs the pipeline on the demo corpus, `make test` runs every check.
 #
-# The virtualenv lives outside the clone, keyed by the hash of the dependency files, so that a
-# warm machine (and CI) does not download torch again; only a change of pyproject.toml does.
+# The virtualenv lives outside the clone, keyed by the hash of the dependency lists, so that a
+# warm machine (and CI) does not download torch again; only a change of a dependency does (not
+# of the package list, the tools' settings or the version).
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VECPIPE_CACHE ?= $(HOME)/.cache/vecpipe
-DEPS_HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-16)
+DEPS_HASH := $(shell sed -n '/^dependencies = \[/,/^\[project.scripts\]/p' pyproject.toml | sha256sum | cut -c1-16)
 VENV ?= $(VECPIPE_CACHE)/venv-$(DEPS_HASH)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

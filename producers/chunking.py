@@ -29,11 +29,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from vecpipe.config import default_model_path
+from vecpipe.config import CHUNKERS, default_model_path
 from vecpipe.messages import Chunk, Document, content_hash, load_schema
 
 __all__ = [
-    "CHUNKER_KINDS",
     "MAX_CHUNK_CHARS",
     "Chunker",
     "MarkdownSplitter",
@@ -50,7 +49,6 @@ __all__ = [
     "truncation_report",
 ]
 
-CHUNKER_KINDS = ("token", "recursive", "markdown")
 # The longest chunk text that schemas/chunk.v1.json accepts.
 MAX_CHUNK_CHARS: int = load_schema("chunk.v1.json")["properties"]["text"]["maxLength"]
 
@@ -592,7 +590,7 @@ class MarkdownSplitter:
 
 
 def make_chunker(kind: str, model: str, chunk_size: int, chunk_overlap: int) -> Chunker:
-    """Build the chunker a producer uses (``produce.chunker``; see :data:`CHUNKER_KINDS`).
+    """Build the chunker a producer uses (``produce.chunker``; see :data:`CHUNKERS`).
 
     ``chunk_size`` is in characters for "recursive" and in model tokens for "token" and
     "markdown", which load only ``model``'s tokenizer.
@@ -603,7 +601,7 @@ def make_chunker(kind: str, model: str, chunk_size: int, chunk_overlap: int) -> 
         return TokenSplitter.from_model(model, chunk_size, chunk_overlap)
     if kind == "markdown":
         return MarkdownSplitter(TokenSplitter.from_model(model, chunk_size, chunk_overlap))
-    raise ValueError(f"unknown chunker {kind!r}; use one of {', '.join(CHUNKER_KINDS)}.")
+    raise ValueError(f"unknown chunker {kind!r}; use one of {', '.join(CHUNKERS)}.")
 
 
 def chunk_document(doc: Document, chunker: Chunker) -> list[Chunk]:

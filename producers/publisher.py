@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
+from producers.chunking import chunk_document, make_chunker
 from vecpipe.config import Config
+from vecpipe.kafka.admin import ensure_topics
+from vecpipe.kafka.producer import DurableProducer
 from vecpipe.messages import (
     CHUNK,
     DELETE,
@@ -30,8 +33,6 @@ from vecpipe.messages import (
     encode_delete,
     schema_headers,
 )
-from vecpipe.producer import DurableProducer
-from vecpipe.topics import ensure_topics
 
 __all__ = ["Chunker", "PublishResult", "Publisher"]
 
@@ -60,8 +61,6 @@ class Publisher:
                  *, create_topics: bool = True, **producer_overrides: Any) -> None:
         self.cfg = cfg
         if chunker is None:
-            from producers.chunking import chunk_document, make_chunker
-
             splitter = make_chunker(cfg.produce.chunker, cfg.model.name, cfg.produce.chunk_size,
                                     cfg.produce.chunk_overlap)
 

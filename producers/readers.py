@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from vecpipe.messages import Document, InvalidMessage
+from vecpipe.errors import InvalidMessage
+from vecpipe.messages import Document
 
 __all__ = [
     "FORMATS",

@@ -28,9 +28,10 @@ import torch
 from producers.chunking import TokenSplitter, chunk_document
 from producers.demo_corpus import write_demo_corpus
 from vecpipe.config import ModelConfig, default_model_path, load_config
-from vecpipe.consumer import Batch
-from vecpipe.deadletter import DeadLetterGuard, DeadLetters
+from vecpipe.deadletter.guard import DeadLetterGuard
+from vecpipe.deadletter.sender import DeadLetters
 from vecpipe.health import Metrics
+from vecpipe.kafka.consumer import Batch
 from vecpipe.logs import configure_logging, get_logger
 from vecpipe.messages import CHUNK, Document, encode_chunk, schema_headers
 from vecpipe.model import Encoder

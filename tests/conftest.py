@@ -61,7 +61,7 @@ def _free_port() -> int:
 
 
 def _native(home: Path) -> Iterator[Endpoints]:
-    from vecpipe import services
+    from vecpipe import devservices as services
 
     # Free ports of our own: a developer's `vecpipe services up` (or another session) may hold
     # the default ones.
@@ -123,7 +123,7 @@ def cfg(endpoints: Endpoints, namespace: str) -> Any:
 @pytest.fixture
 def migrated(cfg: Any) -> Any:
     """``cfg`` after ``vecpipe migrate`` ran on its schema."""
-    from vecpipe.migrate import migrate
+    from vecpipe.db.migrate import migrate
 
     migrate(cfg)
     return cfg

@@ -25,8 +25,9 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from producers.publisher import Publisher
 from tests.helpers import env_for
-from vecpipe.consumer import StopFlag, offsets_committed
-from vecpipe.db import connect
+from vecpipe.db.pool import connect
+from vecpipe.kafka.admin import offsets_committed
+from vecpipe.kafka.consumer import StopFlag
 from vecpipe.messages import Chunk, Document, content_hash
 
 __all__ = [
@@ -424,11 +425,13 @@ def restart_postgres(home: Path, down_s: float,
     """Stop the home's PostgreSQL (fast shutdown: sessions are cut, open transactions roll back),
     keep it down ``down_s``, and start it again on its port; return the seconds it was away.
     ``probe`` runs right after the stop and right before the start."""
-    from vecpipe import services
+    from vecpipe import devservices as services
+    from vecpipe.devservices import postgres as dev_postgres
+    from vecpipe.devservices.state import Paths
 
-    paths = services._Paths(home)
+    paths = Paths(home)
     started = time.monotonic()
-    services._stop_postgres(paths)
+    dev_postgres.stop_postgres(paths)
     if probe is not None:
         probe()
     time.sleep(down_s)
@@ -441,7 +444,7 @@ def restart_postgres(home: Path, down_s: float,
 def restart_kafka(home: Path, down_s: float) -> float:
     """SIGKILL the home's broker (no controlled shutdown), keep it down ``down_s``, and start it
     again on the same ports with ``services.up``; return the seconds it was away."""
-    from vecpipe import services
+    from vecpipe import devservices as services
 
     state = json.loads((home / "services.json").read_text())
     pid = int(state["kafka"]["pid"])
@@ -461,7 +464,7 @@ def services_restored(home: Path | None) -> Iterator[None]:
         yield
     finally:
         if home is not None:
-            from vecpipe import services
+            from vecpipe import devservices as services
 
             services.up(home)
 

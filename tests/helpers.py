@@ -12,7 +12,7 @@ from typing import Any
 
 from confluent_kafka import Consumer
 
-from vecpipe.consumer import StopFlag
+from vecpipe.kafka.consumer import StopFlag
 
 
 def env_for(cfg: Any) -> dict[str, str]:

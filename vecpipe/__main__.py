@@ -2,6 +2,6 @@
 
 import sys
 
-from vecpipe.cli import main
+from vecpipe.cli.main import main
 
 sys.exit(main())

@@ -1,7 +1,9 @@
 """The one place that reads configuration: a TOML file, ``VECPIPE_*`` variables, then flags.
 
-Every other module receives these frozen dataclasses and never touches the environment. A wrong
-value stops the process at start with a :class:`ConfigError` whose message names the setting.
+Every other module receives these frozen dataclasses and never touches the environment. Each
+setting is declared with :func:`setting`: its default, its checks and (for the settings people
+set most) a short variable name, side by side. A wrong value stops the process at start with a
+:class:`~vecpipe.errors.ConfigError` whose message names the setting and its variable.
 """
 
 from __future__ import annotations
@@ -10,17 +12,29 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from vecpipe.errors import ConfigError
 
 __all__ = [
+    "BACKENDS",
+    "CHUNKERS",
     "DEFAULT_MODEL_ID",
+    "DEVICES",
     "ENV_PREFIX",
+    "INDEX_KINDS",
     "KAFKA_PASSTHROUGH_PREFIX",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "METRICS",
+    "PRECISIONS",
+    "STRATEGIES",
+    "VECTOR_TYPES",
     "Config",
-    "ConfigError",
     "DatabaseConfig",
     "DeadLetterConfig",
     "EmbedConfig",
@@ -29,18 +43,21 @@ __all__ = [
     "OpsConfig",
     "ProduceConfig",
     "RetryConfig",
-    "Unreachable",
     "VectorConfig",
     "WriteConfig",
     "default_model_path",
     "env_var_names",
     "load_config",
+    "redact_url",
+    "validate",
+    "with_section",
 ]
 
 ENV_PREFIX = "VECPIPE_"
 # VECPIPE_KAFKA__SASL_USERNAME=x becomes the librdkafka setting sasl.username=x.
 KAFKA_PASSTHROUGH_PREFIX = "VECPIPE_KAFKA__"
 
+# The allowed values of every choice, here once: settings check them, the CLI offers them.
 METRICS = ("cosine", "l2", "ip")
 VECTOR_TYPES = ("vector", "halfvec")
 INDEX_KINDS = ("hnsw", "ivfflat", "none")
@@ -49,17 +66,9 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 BACKENDS = ("torch", "onnx", "onnx-int8")
 CHUNKERS = ("token", "recursive", "markdown")
 LOG_FORMATS = ("auto", "json", "console")
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the setting and says what to do."""
-
-
-class Unreachable(RuntimeError):
-    """A service named by the configuration does not answer; the message names the setting."""
-
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# How a search finds its rows; "auto" chooses per query (vecpipe.db.search).
+STRATEGIES = ("auto", "exact", "tenant_index", "shared_index")
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -74,63 +83,172 @@ def default_model_path() -> str:
         return DEFAULT_MODEL_ID
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password masked, for messages and logs.
+
+    A URL's ``user:password@`` and its query string's ``password=`` are masked, and so is the
+    ``password=`` of a key=value connection string.
+    """
+    masked = re.sub(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", url)
+    try:
+        parts = urlsplit(masked)
+    except ValueError:
+        return masked
+    if parts.password is None:
+        return masked
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+# -- declaring settings -------------------------------------------------------------------------
+
+# A check gets the value and its whole section (for limits that depend on another setting) and
+# returns what is wrong ("must be at least 1, got 0."), or None.
+Check = Callable[[Any, Any], str | None]
+
+
+def setting(default: Any = MISSING, *checks: Check, env: str | None = None,
+            factory: Callable[[], Any] | None = None) -> Any:
+    """A configuration field: its default (or ``factory``), its checks and its short variable."""
+    metadata = {"checks": checks, "env": env}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def at_least(minimum: float | Callable[[Any], float]) -> Check:
+    """The value is at least ``minimum`` (a number, or one computed from the section)."""
+    def check(value: Any, section: Any) -> str | None:
+        low = minimum(section) if callable(minimum) else minimum
+        return None if value >= low else f"must be at least {low}, got {value!r}."
+    return check
+
+
+def one_of(allowed: tuple[str, ...], *, any_case: bool = False) -> Check:
+    """The value is one of ``allowed`` (in any letter case, with ``any_case``)."""
+    def check(value: Any, section: Any) -> str | None:
+        if (str(value).lower() if any_case else value) in allowed:
+            return None
+        return f"must be one of {', '.join(allowed)}, got {value!r}."
+    return check
+
+
+def matching(pattern: str, what: str) -> Check:
+    """The value matches ``pattern``; ``what`` says in words what that means."""
+    compiled = re.compile(pattern)
+
+    def check(value: Any, section: Any) -> str | None:
+        return None if compiled.match(str(value)) else f"{value!r} {what}."
+    return check
+
+
+def _not_blank(what: str) -> Check:
+    def check(value: Any, section: Any) -> str | None:
+        return None if str(value).strip() else f"is empty; {what}."
+    return check
+
+
+_IDENTIFIER = matching(r"^[a-z_][a-z0-9_]{0,62}$",
+                       "must be a lower-case SQL identifier (letters, digits and '_', not "
+                       "starting with a digit)")
+_TOPIC = matching(r"^[A-Za-z0-9._-]{1,249}$",
+                  "is not a valid Kafka topic name (letters, digits, '.', '_' and '-', at most "
+                  "249)")
+
+
+def _postgres_url(value: Any, section: Any) -> str | None:
+    url = str(value)
+    if url.startswith(("postgresql://", "postgres://")) or "=" in url:
+        return None
+    return (f"{redact_url(url)!r} is not a PostgreSQL URL; use "
+            "postgresql://user:password@host:port/dbname.")
+
+
+def _dimension_fits_index(value: Any, section: Any) -> str | None:
+    if not 1 <= value <= 16000:
+        return f"must be between 1 and 16000, got {value}."
+    limit = 2000 if section.column_type == "vector" else 4000
+    if section.index != "none" and value > limit:
+        return (f"{value} is too large for a {section.index} index on a {section.column_type} "
+                f"column (at most {limit}); use halfvec or index none.")
+    return None
+
+
+def _below_chunk_size(value: Any, section: Any) -> str | None:
+    if 0 <= value < section.chunk_size:
+        return None
+    return f"must be at least 0 and smaller than chunk_size {section.chunk_size}, got {value}."
+
+
+def _tenant_id(value: Any, section: Any) -> str | None:
+    if str(value).strip() and "/" not in str(value):
+        return None
+    return f"{value!r} must be non-empty and contain no '/'."
+
+
+def _ratio(value: Any, section: Any) -> str | None:
+    return None if 0 < value <= 1 else f"must be in (0, 1], got {value}."
+
+
+def _port(value: Any, section: Any) -> str | None:
+    return None if 0 <= value <= 65535 else f"{value} is no port."
+
+
+# -- the sections ---------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class KafkaConfig:
     """Where the broker is, topic names, and librdkafka settings passed through unchanged."""
 
-    bootstrap: str = "127.0.0.1:9092"
-    chunks_topic: str = "vecpipe.chunks"
-    embeddings_topic: str = "vecpipe.embeddings"
-    dlq_suffix: str = ".dlq"
-    partitions: int = 4
-    replication_factor: int = 1
+    bootstrap: str = setting("127.0.0.1:9092", _not_blank("give host:port"),
+                             env="VECPIPE_KAFKA_BOOTSTRAP")
+    chunks_topic: str = setting("vecpipe.chunks", _TOPIC, env="VECPIPE_TOPIC_CHUNKS")
+    embeddings_topic: str = setting("vecpipe.embeddings", _TOPIC, env="VECPIPE_TOPIC_EMBEDDINGS")
+    dlq_suffix: str = setting(".dlq")
+    partitions: int = setting(4, at_least(1))
+    replication_factor: int = setting(1, at_least(1))
     # Dead letters keep their original timestamps, so time-based retention would count from the
     # original publish and could delete a fresh dead letter at once: keep them until replayed.
-    dlq_retention_ms: int = -1
-    embed_group: str = "vecpipe-embed"
-    write_group: str = "vecpipe-write"
+    dlq_retention_ms: int = setting(-1)
+    embed_group: str = setting("vecpipe-embed")
+    write_group: str = setting("vecpipe-write")
     client: Mapping[str, str] = field(default_factory=dict)
 
     def dlq_topic(self, topic: str) -> str:
         """Name of the dead-letter topic that belongs to ``topic``."""
         return topic + self.dlq_suffix
 
-    def client_config(self, **overrides: Any) -> dict[str, Any]:
-        """librdkafka settings: bootstrap, then the pass-through ones, then ``overrides``."""
-        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap}
-        conf.update(self.client)
-        conf.update(overrides)
-        return conf
-
 
 @dataclass(frozen=True)
 class DatabaseConfig:
     """PostgreSQL connection, schema and pool settings."""
 
-    url: str = "postgresql://vecpipe@127.0.0.1:5432/vecpipe"
-    schema: str = "vecpipe"
-    pool_min: int = 1
-    pool_max: int = 4
-    statement_timeout_ms: int = 60_000
-    connect_timeout_s: int = 10
-    app_role: str = "vecpipe_app"
-    maintenance_work_mem: str = "1GB"
-    max_parallel_maintenance_workers: int = 2
+    url: str = setting("postgresql://vecpipe@127.0.0.1:5432/vecpipe", _postgres_url,
+                       env="VECPIPE_DATABASE_URL")
+    schema: str = setting("vecpipe", _IDENTIFIER, env="VECPIPE_DB_SCHEMA")
+    pool_min: int = setting(1, at_least(0))
+    pool_max: int = setting(4, at_least(lambda s: max(1, s.pool_min)))
+    statement_timeout_ms: int = setting(60_000, at_least(0))
+    connect_timeout_s: int = setting(10, at_least(1))
+    app_role: str = setting("vecpipe_app", _IDENTIFIER)
+    maintenance_work_mem: str = setting("1GB")
+    max_parallel_maintenance_workers: int = setting(2, at_least(0))
 
 
 @dataclass(frozen=True)
 class VectorConfig:
     """How vectors are stored and indexed: dimension, metric, column type, index parameters."""
 
-    dimension: int = 384
-    metric: str = "cosine"
-    column_type: str = "vector"
-    index: str = "hnsw"
-    hnsw_m: int = 16
-    hnsw_ef_construction: int = 64
-    ivfflat_lists: int = 100
-    ef_search: int = 40
-    ivfflat_probes: int = 10
+    dimension: int = setting(384, _dimension_fits_index, env="VECPIPE_DIMENSION")
+    metric: str = setting("cosine", one_of(METRICS), env="VECPIPE_METRIC")
+    column_type: str = setting("vector", one_of(VECTOR_TYPES))
+    index: str = setting("hnsw", one_of(INDEX_KINDS))
+    hnsw_m: int = setting(16, at_least(2))
+    hnsw_ef_construction: int = setting(64, at_least(lambda s: 2 * s.hnsw_m))
+    ivfflat_lists: int = setting(100, at_least(1))
+    ef_search: int = setting(40, at_least(1))
+    ivfflat_probes: int = setting(10, at_least(1))
 
     @property
     def normalize(self) -> bool:
@@ -142,18 +260,19 @@ class VectorConfig:
 class ModelConfig:
     """Which sentence-transformers model, where it runs and in what precision."""
 
-    name: str = field(default_factory=default_model_path)
+    name: str = setting(MISSING, _not_blank("give a model folder or name"), env="VECPIPE_MODEL",
+                        factory=default_model_path)
     # The name recorded with every vector (lineage, reuse); defaults to the model's hub id for
     # the shipped model and to the folder's name for other local folders.
-    label: str = ""
-    revision: str = ""
-    device: str = "cpu"
-    precision: str = "fp32"
-    backend: str = "torch"
-    cache_dir: str = str(Path.home() / ".cache" / "vecpipe" / "models")
+    label: str = setting("")
+    revision: str = setting("")
+    device: str = setting("cpu", one_of(DEVICES), env="VECPIPE_DEVICE")
+    precision: str = setting("fp32", one_of(PRECISIONS))
+    backend: str = setting("torch", one_of(BACKENDS), env="VECPIPE_BACKEND")
+    cache_dir: str = setting(str(Path.home() / ".cache" / "vecpipe" / "models"))
     # Torch CPU threads (0: torch's default). A query encoder wants 1: on a busy 2-core machine
     # one query took 255 ms with 2 threads and 47 ms with 1.
-    threads: int = 0
+    threads: int = setting(0, at_least(0))
 
 
 @dataclass(frozen=True)
@@ -164,61 +283,62 @@ class EmbedConfig:
     ``encode_batch_size``: a wide window pads far less than passes in arrival order.
     """
 
-    batch_size: int = 256
-    encode_batch_size: int = 64
-    batch_tokens: int = 65536
-    batch_wait_ms: int = 200
+    batch_size: int = setting(256, at_least(1))
+    encode_batch_size: int = setting(64, at_least(1))
+    batch_tokens: int = setting(65536, at_least(1))
+    batch_wait_ms: int = setting(200, at_least(0))
     # Reuse vectors already stored for the same content and model instead of running the model.
-    reuse_vectors: bool = True
+    reuse_vectors: bool = setting(True)
 
 
 @dataclass(frozen=True)
 class WriteConfig:
     """Batching limits of the writer."""
 
-    batch_size: int = 1000
-    batch_wait_ms: int = 250
+    batch_size: int = setting(1000, at_least(1))
+    batch_wait_ms: int = setting(250, at_least(0))
 
 
 @dataclass(frozen=True)
 class ProduceConfig:
     """Chunking and the tenant that documents belong to when none is given."""
 
-    tenant: str = "default"
-    chunker: str = "token"
-    chunk_size: int = 256
-    chunk_overlap: int = 32
+    tenant: str = setting("default", _tenant_id, env="VECPIPE_TENANT")
+    chunker: str = setting("token", one_of(CHUNKERS))
+    chunk_size: int = setting(256, at_least(8))
+    chunk_overlap: int = setting(32, _below_chunk_size)
 
 
 @dataclass(frozen=True)
 class RetryConfig:
     """Bounded exponential backoff with jitter for transient faults."""
 
-    attempts: int = 8
-    initial_wait_s: float = 0.2
-    max_wait_s: float = 20.0
+    attempts: int = setting(8, at_least(1))
+    initial_wait_s: float = setting(0.2, at_least(0))
+    max_wait_s: float = setting(20.0, at_least(lambda s: s.initial_wait_s))
 
 
 @dataclass(frozen=True)
 class DeadLetterConfig:
     """When a worker gives up because too much of its input is going to the dead-letter topic."""
 
-    window: int = 200
-    max_ratio: float = 0.5
-    max_consecutive: int = 100
-    max_replays: int = 3
+    window: int = setting(200, at_least(1))
+    max_ratio: float = setting(0.5, _ratio)
+    max_consecutive: int = setting(100, at_least(1))
+    max_replays: int = setting(3, at_least(1))
 
 
 @dataclass(frozen=True)
 class OpsConfig:
     """Logging, metrics, health and lifecycle of a worker process."""
 
-    log_format: str = "auto"
-    log_level: str = "info"
-    metrics_port: int = 0
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    shutdown_grace_s: float = 30.0
-    home: str = str(Path.home() / ".local" / "share" / "vecpipe")
+    log_format: str = setting("auto", one_of(LOG_FORMATS), env="VECPIPE_LOG_FORMAT")
+    log_level: str = setting("info", one_of(LOG_LEVELS, any_case=True), env="VECPIPE_LOG_LEVEL")
+    metrics_port: int = setting(0, _port, env="VECPIPE_METRICS_PORT")
+    worker_id: str = setting(env="VECPIPE_WORKER_ID",
+                             factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    shutdown_grace_s: float = setting(30.0, at_least(0))
+    home: str = setting(str(Path.home() / ".local" / "share" / "vecpipe"), env="VECPIPE_HOME")
 
 
 @dataclass(frozen=True)
@@ -250,33 +370,13 @@ _SECTIONS: dict[str, type[Any]] = {
     "ops": OpsConfig,
 }
 
-# Short environment names for the settings people set most; every setting also has the long form
-# VECPIPE_<SECTION>_<FIELD>, e.g. VECPIPE_EMBED_BATCH_SIZE.
-_ALIASES: dict[str, tuple[str, str]] = {
-    "VECPIPE_KAFKA_BOOTSTRAP": ("kafka", "bootstrap"),
-    "VECPIPE_DATABASE_URL": ("database", "url"),
-    "VECPIPE_DB_SCHEMA": ("database", "schema"),
-    "VECPIPE_TOPIC_CHUNKS": ("kafka", "chunks_topic"),
-    "VECPIPE_TOPIC_EMBEDDINGS": ("kafka", "embeddings_topic"),
-    "VECPIPE_MODEL": ("model", "name"),
-    "VECPIPE_DEVICE": ("model", "device"),
-    "VECPIPE_BACKEND": ("model", "backend"),
-    "VECPIPE_DIMENSION": ("vector", "dimension"),
-    "VECPIPE_METRIC": ("vector", "metric"),
-    "VECPIPE_TENANT": ("produce", "tenant"),
-    "VECPIPE_LOG_FORMAT": ("ops", "log_format"),
-    "VECPIPE_LOG_LEVEL": ("ops", "log_level"),
-    "VECPIPE_METRICS_PORT": ("ops", "metrics_port"),
-    "VECPIPE_WORKER_ID": ("ops", "worker_id"),
-    "VECPIPE_HOME": ("ops", "home"),
-}
-
 
 def _env_names(section: str, name: str) -> list[str]:
     """The variables that set one setting: its short alias (if any), then its long form."""
-    names = [env for env, target in _ALIASES.items() if target == (section, name)]
+    cls = _SECTIONS[section]
+    alias = next((f.metadata.get("env") for f in fields(cls) if f.name == name), None)
     long_form = f"{ENV_PREFIX}{section.upper()}_{name.upper()}"
-    return names + ([long_form] if long_form not in names else [])
+    return [alias, long_form] if alias and alias != long_form else [long_form]
 
 
 def _env_name(section: str, name: str) -> str:
@@ -297,7 +397,7 @@ def env_var_names() -> set[str]:
 T = TypeVar("T")
 
 
-def _coerce(setting: str, raw: Any, kind: type[Any]) -> Any:
+def _coerce(setting_name: str, raw: Any, kind: type[Any]) -> Any:
     """Turn a raw value (string from the environment, or TOML value) into ``kind``."""
     try:
         if kind is bool:
@@ -318,7 +418,7 @@ def _coerce(setting: str, raw: Any, kind: type[Any]) -> Any:
         return str(raw)
     except ValueError:
         raise ConfigError(
-            f"{setting} must be {'a whole number' if kind is int else kind.__name__}, "
+            f"{setting_name} must be {'a whole number' if kind is int else kind.__name__}, "
             f"got {raw!r}."
         ) from None
 
@@ -345,114 +445,16 @@ def _build_section(section: str, cls: type[T], values: Mapping[str, Any]) -> T:
     return cls(**kwargs)
 
 
-def _one_of(setting: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{setting} must be one of {', '.join(allowed)}, got {value!r}.")
-
-
-def _positive(setting: str, value: float, minimum: float = 1) -> None:
-    if value < minimum:
-        raise ConfigError(f"{setting} must be at least {minimum}, got {value!r}.")
-
-
 def validate(cfg: Config) -> Config:
-    """Check every value that can be checked without touching the network."""
-    k, d, v, m, e = cfg.kafka, cfg.database, cfg.vector, cfg.model, cfg.embed
-    if not k.bootstrap.strip():
-        raise ConfigError("kafka.bootstrap (VECPIPE_KAFKA_BOOTSTRAP) is empty; give host:port.")
-    for name, topic in (("chunks_topic", k.chunks_topic), ("embeddings_topic", k.embeddings_topic)):
-        if not _TOPIC.match(topic):
-            raise ConfigError(
-                f"kafka.{name} ({_env_name('kafka', name)}) {topic!r} is not a valid Kafka topic "
-                "name (letters, digits, '.', '_' and '-', at most 249)."
-            )
-    _positive("kafka.partitions (VECPIPE_KAFKA_PARTITIONS)", k.partitions)
-    if not d.url.startswith(("postgresql://", "postgres://")) and "=" not in d.url:
-        raise ConfigError(
-            f"database.url (VECPIPE_DATABASE_URL) {d.url!r} is not a PostgreSQL URL; "
-            "use postgresql://user:password@host:port/dbname."
-        )
-    if not _IDENT.match(d.schema):
-        raise ConfigError(
-            f"database.schema (VECPIPE_DB_SCHEMA) {d.schema!r} must be a lower-case SQL "
-            "identifier (letters, digits and '_', not starting with a digit)."
-        )
-    if not _IDENT.match(d.app_role):
-        raise ConfigError(
-            f"database.app_role (VECPIPE_DATABASE_APP_ROLE) {d.app_role!r} must be a lower-case "
-            "SQL identifier."
-        )
-    _positive("database.pool_min (VECPIPE_DATABASE_POOL_MIN)", d.pool_min, 0)
-    _positive("database.pool_max (VECPIPE_DATABASE_POOL_MAX)", d.pool_max, max(1, d.pool_min))
-    _positive("database.statement_timeout_ms (VECPIPE_DATABASE_STATEMENT_TIMEOUT_MS)",
-              d.statement_timeout_ms, 0)
-    if not 1 <= v.dimension <= 16000:
-        raise ConfigError(
-            f"vector.dimension (VECPIPE_DIMENSION) must be between 1 and 16000, got {v.dimension}."
-        )
-    _one_of("vector.metric (VECPIPE_METRIC)", v.metric, METRICS)
-    _one_of("vector.column_type (VECPIPE_VECTOR_COLUMN_TYPE)", v.column_type, VECTOR_TYPES)
-    _one_of("vector.index (VECPIPE_VECTOR_INDEX)", v.index, INDEX_KINDS)
-    limit = 2000 if v.column_type == "vector" else 4000
-    if v.index != "none" and v.dimension > limit:
-        raise ConfigError(
-            f"vector.dimension (VECPIPE_DIMENSION) {v.dimension} is too large for a {v.index} "
-            f"index on a "
-            f"{v.column_type} column (at most {limit}); use halfvec or index none."
-        )
-    _positive("vector.hnsw_m (VECPIPE_VECTOR_HNSW_M)", v.hnsw_m, 2)
-    _positive("vector.hnsw_ef_construction (VECPIPE_VECTOR_HNSW_EF_CONSTRUCTION)",
-              v.hnsw_ef_construction, 2 * v.hnsw_m)
-    _positive("vector.ivfflat_lists (VECPIPE_VECTOR_IVFFLAT_LISTS)", v.ivfflat_lists)
-    _positive("vector.ef_search (VECPIPE_VECTOR_EF_SEARCH)", v.ef_search)
-    _one_of("model.device (VECPIPE_DEVICE)", m.device, DEVICES)
-    _one_of("model.precision (VECPIPE_MODEL_PRECISION)", m.precision, PRECISIONS)
-    _one_of("model.backend (VECPIPE_BACKEND)", m.backend, BACKENDS)
-    if not m.name.strip():
-        raise ConfigError("model.name (VECPIPE_MODEL) is empty; give a model folder or name.")
-    _positive("embed.batch_size (VECPIPE_EMBED_BATCH_SIZE)", e.batch_size)
-    _positive("embed.batch_tokens (VECPIPE_EMBED_BATCH_TOKENS)", e.batch_tokens)
-    _positive("embed.encode_batch_size (VECPIPE_EMBED_ENCODE_BATCH_SIZE)", e.encode_batch_size)
-    _positive("model.threads (VECPIPE_MODEL_THREADS)", m.threads, 0)
-    _positive("embed.batch_wait_ms (VECPIPE_EMBED_BATCH_WAIT_MS)", e.batch_wait_ms, 0)
-    _positive("write.batch_size (VECPIPE_WRITE_BATCH_SIZE)", cfg.write.batch_size)
-    _positive("write.batch_wait_ms (VECPIPE_WRITE_BATCH_WAIT_MS)", cfg.write.batch_wait_ms, 0)
-    p = cfg.produce
-    _one_of("produce.chunker (VECPIPE_PRODUCE_CHUNKER)", p.chunker, CHUNKERS)
-    _positive("produce.chunk_size (VECPIPE_PRODUCE_CHUNK_SIZE)", p.chunk_size, 8)
-    if not 0 <= p.chunk_overlap < p.chunk_size:
-        raise ConfigError(
-            f"produce.chunk_overlap (VECPIPE_PRODUCE_CHUNK_OVERLAP) must be at least 0 and "
-            f"smaller than chunk_size {p.chunk_size}, got {p.chunk_overlap}."
-        )
-    if not p.tenant.strip() or "/" in p.tenant:
-        raise ConfigError(
-            f"produce.tenant (VECPIPE_TENANT) {p.tenant!r} must be non-empty and contain no '/'."
-        )
-    _positive("retry.attempts (VECPIPE_RETRY_ATTEMPTS)", cfg.retry.attempts)
-    _positive("retry.initial_wait_s (VECPIPE_RETRY_INITIAL_WAIT_S)", cfg.retry.initial_wait_s, 0)
-    _positive("retry.max_wait_s (VECPIPE_RETRY_MAX_WAIT_S)", cfg.retry.max_wait_s,
-              cfg.retry.initial_wait_s)
-    _positive("kafka.replication_factor (VECPIPE_KAFKA_REPLICATION_FACTOR)",
-              k.replication_factor)
-    _positive("dead_letter.max_replays (VECPIPE_DEAD_LETTER_MAX_REPLAYS)",
-              cfg.dead_letter.max_replays)
-    _positive("ops.shutdown_grace_s (VECPIPE_OPS_SHUTDOWN_GRACE_S)", cfg.ops.shutdown_grace_s, 0)
-    dl = cfg.dead_letter
-    _positive("dead_letter.window (VECPIPE_DEAD_LETTER_WINDOW)", dl.window)
-    if not 0 < dl.max_ratio <= 1:
-        raise ConfigError(
-            "dead_letter.max_ratio (VECPIPE_DEAD_LETTER_MAX_RATIO) must be in (0, 1], "
-            f"got {dl.max_ratio}."
-        )
-    _positive("dead_letter.max_consecutive (VECPIPE_DEAD_LETTER_MAX_CONSECUTIVE)",
-              dl.max_consecutive)
-    o = cfg.ops
-    _one_of("ops.log_format (VECPIPE_LOG_FORMAT)", o.log_format, LOG_FORMATS)
-    _one_of("ops.log_level (VECPIPE_LOG_LEVEL)", o.log_level.lower(),
-            ("debug", "info", "warning", "error"))
-    if not 0 <= o.metrics_port <= 65535:
-        raise ConfigError(f"ops.metrics_port (VECPIPE_METRICS_PORT) {o.metrics_port} is no port.")
+    """Run every setting's checks (nothing here touches the network); return ``cfg``."""
+    for section, cls in _SECTIONS.items():
+        values = getattr(cfg, section)
+        for f in fields(cls):
+            for check in f.metadata.get("checks", ()):
+                problem = check(getattr(values, f.name), values)
+                if problem is not None:
+                    raise ConfigError(
+                        f"{section}.{f.name} ({_env_name(section, f.name)}) {problem}")
     return cfg
 
 
@@ -522,4 +524,3 @@ def load_config(
 def with_section(cfg: Config, section: str, **changes: Any) -> Config:
     """Return ``cfg`` with some values of one section replaced (used by tests and benchmarks)."""
     return validate(replace(cfg, **{section: replace(getattr(cfg, section), **changes)}))
-

@@ -26,6 +26,7 @@ import numpy.typing as npt
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
+from vecpipe.errors import InvalidMessage
 from vecpipe.resources import resource_dir
 
 __all__ = [
@@ -41,7 +42,6 @@ __all__ = [
     "Embedding",
     "HeaderLike",
     "Headers",
-    "InvalidMessage",
     "content_hash",
     "decode",
     "document_key",
@@ -82,10 +82,6 @@ def header_list(headers: HeaderLike) -> Headers:
         return []
     pairs = headers.items() if isinstance(headers, Mapping) else headers
     return [(k, v.encode() if isinstance(v, str) else (v or b"")) for k, v in pairs]
-
-
-class InvalidMessage(ValueError):
-    """A message does not follow its contract; never retried, always dead-lettered."""
 
 
 @cache

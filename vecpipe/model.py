@@ -18,25 +18,47 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vecpipe.config import DEFAULT_MODEL_ID, ConfigError, ModelConfig, default_model_path
-from vecpipe.faults import ModelOutOfMemory
+from vecpipe.config import DEFAULT_MODEL_ID, ModelConfig, default_model_path
+from vecpipe.errors import ConfigError, ModelOutOfMemory
 
-__all__ = ["Encoder", "model_label", "model_revision", "normalize_rows", "quantization_target"]
+__all__ = [
+    "Encoder",
+    "model_label",
+    "model_revision",
+    "normalize",
+    "quantization_target",
+    "vector_norm",
+    "vector_problem",
+]
 
-# Weights live on disk beside the code; a hub lookup must never happen, not even a HEAD request.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+def offline() -> None:
+    """Weights live on disk beside the code: no hub lookup may ever happen, not even a HEAD
+    request. Set before sentence-transformers (and so huggingface_hub) is first imported."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def normalize_rows(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """Scale each row to unit length (float32); zero rows stay zero for the caller to reject."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(norms > 0, vectors / norms, 0.0)
-    return out.astype(np.float32)
+def vector_norm(vec: npt.NDArray[np.float32]) -> float:
+    """The Euclidean length of ``vec``, computed in float64."""
+    return float(np.linalg.norm(np.asarray(vec, dtype=np.float64)))
+
+
+def vector_problem(vec: npt.NDArray[np.float32]) -> str | None:
+    """Why ``vec`` cannot be stored or searched ("a zero vector..."), or None when it can."""
+    if not np.all(np.isfinite(vec)):
+        return "a vector with NaN or infinite values"
+    if vector_norm(vec) == 0.0:
+        return "a zero vector, which has no direction"
+    return None
+
+
+def normalize(vec: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """``vec`` scaled to unit length, as float32: what cosine and inner-product tables store and
+    what their queries must be. ``vec`` must pass :func:`vector_problem`."""
+    return (np.asarray(vec, dtype=np.float32) / vector_norm(vec)).astype(np.float32)
 
 
 def model_label(cfg: ModelConfig) -> str:
@@ -109,6 +131,7 @@ class Encoder:
     """A loaded sentence-transformers model with the configured backend and precision."""
 
     def __init__(self, cfg: ModelConfig) -> None:
+        offline()
         self.cfg = cfg
         self.device = self._device(cfg.device)
         self.name = model_label(cfg)

@@ -1,9 +1,9 @@
 """The embedding stage: chunks in, unit vectors out, poison records to the dead-letter topic.
 
-decode -> reuse known vectors -> encode the rest (length-sorted, halving on out-of-memory) ->
-normalize and check -> produce in the original order -> wait for the broker's acknowledgement.
-Only then does :meth:`EmbedProcessor.process` return the records, and only then are their
-offsets stored: a crash anywhere re-embeds, never loses.
+decode -> reuse known vectors -> encode the rest (length-sorted, halving on out-of-memory or a
+refused input) -> normalize and check -> produce in the original order -> settle (dead letters,
+wait for the broker's acknowledgement). Only then does :meth:`EmbedProcessor.process` return
+the records, and only then are their offsets stored: a crash anywhere re-embeds, never loses.
 """
 
 from __future__ import annotations
@@ -18,21 +18,19 @@ import numpy.typing as npt
 from confluent_kafka import Message
 
 from vecpipe.config import Config
-from vecpipe.consumer import Batch
-from vecpipe.deadletter import DeadLetterGuard, DeadLetters
-from vecpipe.faults import ModelOutOfMemory, PermanentError, call_with_retry, is_transient
+from vecpipe.deadletter.guard import DeadLetterGuard
+from vecpipe.deadletter.sender import DeadLetters
+from vecpipe.errors import InvalidMessage, ModelOutOfMemory, PermanentError
 from vecpipe.health import Metrics
-from vecpipe.messages import (
-    EMBEDDING,
-    Chunk,
-    Delete,
-    Embedding,
-    InvalidMessage,
-    decode,
-    encode_embedding,
-    schema_headers,
-)
-from vecpipe.producer import MAX_MESSAGE_BYTES, DurableProducer
+from vecpipe.kafka.consumer import Batch
+from vecpipe.kafka.producer import DurableProducer
+from vecpipe.kafka.settings import MAX_MESSAGE_BYTES
+from vecpipe.messages import EMBEDDING, Chunk, Delete, Embedding, encode_embedding, schema_headers
+from vecpipe.model import normalize, vector_problem
+from vecpipe.retry import call_with_retry, is_transient
+from vecpipe.stages.bisect import isolate
+from vecpipe.stages.decode import Decoded, decode_batch
+from vecpipe.stages.settle import Failure, Settle, retry_counter
 
 __all__ = ["EmbedProcessor", "EncoderLike", "VectorCache"]
 
@@ -50,7 +48,7 @@ class EncoderLike(Protocol):
         ...
 
 
-# The largest embedding value produced: what the embeddings topic takes (vecpipe.topics creates
+# The largest embedding value produced: what the embeddings topic takes (vecpipe.kafka.admin creates
 # it with max.message.bytes = MAX_MESSAGE_BYTES), less room for the key, headers and framing.
 _MAX_EMBEDDING_BYTES = MAX_MESSAGE_BYTES - 65_536
 
@@ -70,7 +68,7 @@ _CACHE_COOLDOWN_S = 30.0
 class VectorCache(Protocol):
     """Vectors already stored for a content hash by the same model (name, revision, backend)."""
 
-    def lookup(
+    def cached_vectors(
         self, hashes: Sequence[str], model: str, revision: str, backend: str
     ) -> dict[str, npt.NDArray[np.float32]]:
         """Return the known vectors of ``hashes``; missing ones are simply absent."""
@@ -107,6 +105,7 @@ class EmbedProcessor:
         self.metrics = metrics
         self.log = log
         self.cache = cache
+        self.settle = Settle(cfg.retry, producer, dead_letters, guard, metrics, log)
         self._cache_back_at = 0.0  # monotonic time before which a failed cache is not asked
         self.out_topic = cfg.kafka.embeddings_topic
         self.wire_dtype = "float16" if cfg.vector.column_type == "halfvec" else "float32"
@@ -118,70 +117,28 @@ class EmbedProcessor:
     # -- the batch -----------------------------------------------------------------------------
 
     def process(self, batch: Batch) -> list[Message]:
-        """Embed, produce and wait for acknowledgement; return the records now durable."""
-        outputs: list[tuple[Message, _Item | Delete | None]] = []
-        items: list[_Item] = []
-        failures: list[tuple[Message, BaseException]] = []
-        for msg in batch.messages:
-            try:
-                obj = decode(msg.value(), msg.headers())
-                if isinstance(obj, Embedding):
-                    raise InvalidMessage(
-                        "an embedding message was published on the chunks topic; publish "
-                        "chunks there and let the embed stage make embeddings."
-                    )
-            except InvalidMessage as exc:
-                failures.append((msg, exc))
-                outputs.append((msg, None))
+        """Embed, produce and settle; return the records now durable downstream."""
+        decoded = decode_batch(batch.messages, _chunk_or_delete)
+        items = {id(msg): _Item(msg, obj) for msg, obj in decoded.inputs
+                 if isinstance(obj, Chunk)}
+        self._reuse(list(items.values()))
+        self._encode([it for it in items.values() if it.vector is None])
+        failures = list(decoded.failures)
+        for msg, _ in decoded.inputs:
+            if not batch.owned(msg):
                 continue
-            if isinstance(obj, Delete):
-                outputs.append((msg, obj))
-            else:
-                item = _Item(msg, obj)
-                items.append(item)
-                outputs.append((msg, item))
-        self._reuse(items)
-        self._encode([it for it in items if it.vector is None])
-        for it in items:
-            if it.error is not None:
-                failures.append((it.msg, it.error))
-
-        for msg, out in outputs:
-            if out is None or not batch.owned(msg):
-                continue
-            if isinstance(out, Delete):
+            item = items.get(id(msg))
+            if item is None:
                 # Deletes travel on in order with their document's chunks, unchanged.
                 self.producer.produce(self.out_topic, msg.value(), key=msg.key(),
                                       headers=msg.headers(), timestamp=msg.timestamp()[1])
-            elif out.error is None and out.vector is not None:
-                out.error = self._produce_embedding(out)
-                if out.error is not None:
-                    failures.append((msg, out.error))
-        for msg, err in failures:
-            if batch.owned(msg):
-                self.dead_letters.send(msg, err)
-        # A failed flush queues what was not acknowledged again: a retry resends only that.
-        call_with_retry(self.cfg.retry, self.producer.flush, on_retry=self._on_retry("produce"))
-        failed = {id(m) for m, _ in failures}
+                continue
+            if item.error is None and item.vector is not None:
+                item.error = self._produce_embedding(item)
+            if item.error is not None:
+                failures.append(Failure(msg, item.error))
         done = [m for m in batch.messages if batch.owned(m)]
-        for m in done:
-            self.guard.record(id(m) in failed)
-        self.metrics.count("dead_letter", sum(1 for m in done if id(m) in failed))
-        self.metrics.dead_letters.labels(self.metrics.stage).inc(
-            sum(1 for m in done if id(m) in failed))
-        self.metrics.count("ok", sum(1 for m in done if id(m) not in failed))
-        self.metrics.count("dropped", len(batch.messages) - len(done))
-        for msg, err in failures:
-            self.log.warning("dead_lettered", partition=msg.partition(), offset=msg.offset(),
-                             error_class=type(err).__name__, error=str(err))
-        return done
-
-    def _on_retry(self, kind: str) -> Any:
-        def on_retry(exc: BaseException, attempt: int) -> None:
-            self.metrics.retries.labels(self.metrics.stage, kind).inc()
-            self.log.warning("retrying", kind=kind, attempt=attempt, error=str(exc))
-
-        return on_retry
+        return self.settle(batch.messages, done, [f for f in failures if batch.owned(f.msg)])
 
     def _produce_embedding(self, item: _Item) -> PermanentError | None:
         """Queue the embedding of ``item``; a chunk whose embedding no topic can take (huge
@@ -217,7 +174,7 @@ class EmbedProcessor:
         if self.cache is None or not items or time.monotonic() < self._cache_back_at:
             return
         try:
-            known = self.cache.lookup(
+            known = self.cache.cached_vectors(
                 sorted({it.chunk.content_hash for it in items}),
                 self.encoder.name, self.encoder.revision, self.encoder.backend_tag,
             )
@@ -264,42 +221,41 @@ class EmbedProcessor:
 
     def _encode_split(self, items: list[_Item]) -> None:
         """Encode; on out-of-memory or an input the model refuses, halve the batch, down to
-        single items (which are retried)."""
-        texts = [it.chunk.text for it in items]
-        try:
-            if len(items) == 1:
+        single items (which are retried), and mark what fails alone."""
+
+        def run(part: Sequence[_Item]) -> None:
+            texts = [it.chunk.text for it in part]
+            if len(part) == 1:
                 vectors = call_with_retry(self.cfg.retry, self.encoder.encode, texts,
-                                          on_retry=self._on_retry("model"))
+                                          on_retry=retry_counter(self.metrics, self.log, "model"))
             else:
                 vectors = self.encoder.encode(texts, self.cfg.embed.encode_batch_size)
-        except Exception as exc:
+            for it, vec in zip(part, vectors, strict=True):
+                it.vector = vec
+
+        def poison(exc: BaseException) -> bool:
+            # Out of memory: smaller batches may fit. Any other error but an outage: one input
+            # the model cannot take (say, text its tokenizer refuses) must not stop the stage.
+            # An outage whose retries were spent stops the worker, and nothing is lost.
+            return isinstance(exc, ModelOutOfMemory) or not is_transient(exc)
+
+        def on_poison(item: _Item, exc: BaseException) -> None:
+            if isinstance(exc, ModelOutOfMemory):
+                item.error = PermanentError(
+                    f"the model ran out of memory on this chunk alone, even after retries: {exc}")
+            else:
+                item.error = _ModelRefused(
+                    f"the model could not encode this chunk: {type(exc).__name__}: {exc}")
+                item.error.__cause__ = exc
+
+        def on_split(part: Sequence[_Item], exc: BaseException) -> None:
             oom = isinstance(exc, ModelOutOfMemory)
-            if is_transient(exc) and not oom:
-                raise  # retries were spent (or it is a batch): the worker stops, nothing lost
-            # Out of memory: smaller batches may fit. Any other error: one input the model cannot
-            # take (say, text its tokenizer refuses) must not stop the stage. Either way, halve
-            # the batch down to single items and dead-letter what fails alone (_encode stops the
-            # worker instead when the model fails on everything).
-            if len(items) == 1:
-                if oom:
-                    items[0].error = PermanentError(
-                        f"the model ran out of memory on this chunk alone, even after retries: "
-                        f"{exc}")
-                else:
-                    items[0].error = _ModelRefused(
-                        f"the model could not encode this chunk: {type(exc).__name__}: {exc}")
-                    items[0].error.__cause__ = exc
-                return
             self.metrics.retries.labels(self.metrics.stage,
                                         "oom_split" if oom else "error_split").inc()
-            self.log.warning("oom_split" if oom else "encode_error_split", size=len(items),
+            self.log.warning("oom_split" if oom else "encode_error_split", size=len(part),
                              error=str(exc))
-            half = len(items) // 2
-            self._encode_split(items[:half])
-            self._encode_split(items[half:])
-            return
-        for it, vec in zip(items, vectors, strict=True):
-            it.vector = vec
+
+        isolate(items, run, poison=poison, on_poison=on_poison, on_split=on_split)
 
     def _check(
         self, vec: npt.NDArray[np.float32]
@@ -310,11 +266,16 @@ class EmbedProcessor:
                 f"the model returned {vec.shape[0]} dimensions but vector.dimension is "
                 f"{self.cfg.vector.dimension}; configure the dimension of the model."
             )
-        if not np.all(np.isfinite(vec)):
-            return None, PermanentError("the model returned a vector with NaN or infinite values.")
-        norm = float(np.linalg.norm(vec))
-        if norm == 0.0:
-            return None, PermanentError("the model returned a zero vector, which has no direction.")
-        if self.cfg.vector.normalize:
-            vec = (vec / norm).astype(np.float32)
-        return vec, None
+        problem = vector_problem(vec)
+        if problem is not None:
+            return None, PermanentError(f"the model returned {problem}.")
+        return (normalize(vec) if self.cfg.vector.normalize else vec), None
+
+
+def _chunk_or_delete(msg: Message, obj: Decoded) -> Chunk | Delete:
+    if isinstance(obj, Embedding):
+        raise InvalidMessage(
+            "an embedding message was published on the chunks topic; publish chunks there "
+            "and let the embed stage make embeddings."
+        )
+    return obj

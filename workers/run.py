@@ -6,13 +6,19 @@ from collections.abc import Callable
 from typing import Any
 
 from vecpipe.config import Config
-from vecpipe.consumer import BatchConsumer, BatchLimits, Processor, StopFlag
-from vecpipe.deadletter import DeadLetterGuard, DeadLetters
+from vecpipe.db.pool import make_pool
+from vecpipe.db.store import Store
+from vecpipe.deadletter.guard import DeadLetterGuard
+from vecpipe.deadletter.sender import DeadLetters
+from vecpipe.errors import Unreachable
 from vecpipe.health import Health, Metrics, serve
+from vecpipe.kafka.admin import ensure_topics
+from vecpipe.kafka.consumer import BatchConsumer, BatchLimits, Processor, StopFlag
+from vecpipe.kafka.producer import DurableProducer
 from vecpipe.logs import configure_logging, get_logger
-from vecpipe.producer import DurableProducer
-from vecpipe.topics import ensure_topics
-from workers.embed import EncoderLike
+from vecpipe.model import Encoder
+from workers.embed import EmbedProcessor, EncoderLike, VectorCache
+from workers.write import WriteProcessor
 
 __all__ = ["run_embed", "run_write"]
 
@@ -64,32 +70,19 @@ def run_embed(cfg: Config, until_idle_s: float | None = None,
 
     ``encoder`` defaults to the configured model; tests pass one loaded once per session.
     """
-    from vecpipe.model import Encoder
-    from workers.embed import EmbedProcessor, VectorCache
-
     ensure_topics(cfg.kafka)
     if encoder is None:
         encoder = Encoder(cfg.model)
     cache: VectorCache | None = None
     pool = None
     if cfg.embed.reuse_vectors:
-        from vecpipe.config import Unreachable
-        from vecpipe.db import make_pool
-        from vecpipe.store import Store
-
         try:
             pool = make_pool(cfg.database, name="vecpipe-embed-cache")
         except Unreachable as exc:
             # Reuse only saves model time; embedding goes on without it, loudly.
             get_logger(stage="embed").warning("vector_reuse_off", reason=str(exc))
         else:
-            store = Store(cfg, pool)
-
-            class _Cache:
-                def lookup(self, hashes: Any, model: str, revision: str, backend: str) -> Any:
-                    return store.cached_vectors(hashes, model, revision, backend)
-
-            cache = _Cache()
+            cache = Store(cfg, pool)
 
     def make(producer: DurableProducer, dl: DeadLetters, guard: DeadLetterGuard,
              metrics: Metrics, log: Any) -> Processor:
@@ -110,10 +103,6 @@ def run_embed(cfg: Config, until_idle_s: float | None = None,
 def run_write(cfg: Config, until_idle_s: float | None = None,
               stop: StopFlag | None = None) -> int:
     """Run the writer stage until stopped; return the process exit code."""
-    from vecpipe.db import make_pool
-    from vecpipe.store import Store
-    from workers.write import WriteProcessor
-
     ensure_topics(cfg.kafka)
     pool = make_pool(cfg.database, name="vecpipe-write")
     store = Store(cfg, pool)

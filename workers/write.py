@@ -1,7 +1,9 @@
 """The writer stage: embeddings and deletes in, one idempotent database transaction per batch.
 
-decode -> collapse -> COPY into staging -> merge (see ``vecpipe.store``) -> commit. The records
-are returned to the consumer loop, which stores their offsets, only after the commit.
+decode and convert -> collapse -> COPY into staging -> merge (see ``vecpipe.db.store``) ->
+commit -> settle. A row the database refuses is isolated by halving the batch and
+dead-lettered alone. The records are returned to the consumer loop, which stores their offsets,
+only after the commit.
 """
 
 from __future__ import annotations
@@ -14,13 +16,19 @@ from typing import Any, Protocol
 from confluent_kafka import Message
 
 from vecpipe.config import Config
-from vecpipe.consumer import Batch
-from vecpipe.deadletter import DeadLetterGuard, DeadLetters
-from vecpipe.faults import PermanentError, call_with_retry, is_permanent
+from vecpipe.db.store import DeleteRequest, MergeStats, Row
+from vecpipe.deadletter.guard import DeadLetterGuard
+from vecpipe.deadletter.sender import DeadLetters
+from vecpipe.errors import InvalidMessage, PermanentError
 from vecpipe.health import Metrics
-from vecpipe.messages import Chunk, Delete, Embedding, InvalidMessage, decode
-from vecpipe.producer import DurableProducer
-from vecpipe.store import DeleteRequest, MergeStats, Row
+from vecpipe.kafka.consumer import Batch
+from vecpipe.kafka.producer import DurableProducer
+from vecpipe.messages import Chunk, Delete, Embedding
+from vecpipe.model import vector_norm
+from vecpipe.retry import call_with_retry, is_permanent
+from vecpipe.stages.bisect import isolate
+from vecpipe.stages.decode import Decoded, decode_batch
+from vecpipe.stages.settle import Failure, Settle, retry_counter
 
 __all__ = ["StoreLike", "WriteProcessor", "to_row"]
 
@@ -49,7 +57,7 @@ def to_row(emb: Embedding, msg: Message, cfg: Config) -> Row:
             "(vector.dimension); it was made by another model or configuration."
         )
     if cfg.vector.normalize:
-        norm = float((emb.vector.astype("float64") ** 2).sum() ** 0.5)
+        norm = vector_norm(emb.vector)
         # float16 on the wire rounds norms by about 1e-3; anything further off was not normalized.
         if abs(norm - 1.0) > 1e-2:
             raise PermanentError(
@@ -101,8 +109,7 @@ class WriteProcessor:
         self.metrics = metrics
         self.log = log
         self.worker_id = worker_id
-        # Which message each row or delete came from, to dead-letter what the database refuses.
-        self._source: dict[int, Message] = {}
+        self.settle = Settle(cfg.retry, producer, dead_letters, guard, metrics, log)
 
     def weight(self, msg: Message) -> int:
         """Every record counts one towards the batch size."""
@@ -110,80 +117,61 @@ class WriteProcessor:
 
     def process(self, batch: Batch) -> list[Message]:
         """Merge the batch in one transaction; return its records once committed."""
-        rows: list[tuple[Message, Row]] = []
-        deletes: list[tuple[Message, DeleteRequest]] = []
-        failures: list[tuple[Message, BaseException]] = []
-        for msg in batch.messages:
-            try:
-                obj = decode(msg.value(), msg.headers())
-                if isinstance(obj, Chunk):
-                    raise InvalidMessage(
-                        "a chunk without a vector was published on the embeddings topic; "
-                        "publish chunks on the chunks topic."
-                    )
-                if isinstance(obj, Delete):
-                    deletes.append((msg, DeleteRequest(
-                        tenant_id=obj.tenant_id, doc_id=obj.doc_id, version=obj.version,
-                        published_at=_published_at(msg),
-                        source={"topic": msg.topic(), "partition": msg.partition(),
-                                "offset": msg.offset(), "requested_at": obj.requested_at,
-                                "reason": obj.reason},
-                    )))
-                else:
-                    rows.append((msg, to_row(obj, msg, self.cfg)))
-            except (InvalidMessage, PermanentError) as exc:
-                failures.append((msg, exc))
+        decoded = decode_batch(batch.messages, self._convert)
+        rows = [(m, r) for m, r in decoded.inputs if isinstance(r, Row)]
+        deletes = [(m, d) for m, d in decoded.inputs if isinstance(d, DeleteRequest)]
         kept, deletes = _drop_superseded(rows, deletes)
-        self._source = {id(item): msg for msg, item in [*rows, *deletes]}
-        stats = self._apply(kept, [d for _, d in deletes], failures)
-        if failures:
-            for msg, err in failures:
-                self.dead_letters.send(msg, err)
-                self.log.warning("dead_lettered", partition=msg.partition(), offset=msg.offset(),
-                                 error_class=type(err).__name__, error=str(err))
-            call_with_retry(self.cfg.retry, self.producer.flush)
-        failed = {id(m) for m, _ in failures}
-        for msg in batch.messages:
-            self.guard.record(id(msg) in failed)
-        self.metrics.count("ok", len(batch.messages) - len(failed))
-        self.metrics.count("dead_letter", len(failed))
-        self.metrics.dead_letters.labels(self.metrics.stage).inc(len(failed))
+        failures = list(decoded.failures)
+        stats = self._apply(kept, [d for _, d in deletes],
+                            {id(item): msg for msg, item in [*rows, *deletes]}, failures)
         for action in ("inserted", "updated", "unchanged", "stale_deleted", "deleted"):
             self.metrics.rows.labels(self.metrics.stage, action).inc(getattr(stats, action))
         self.log.debug("batch_merged", records=len(batch.messages), **vars(stats))
-        return list(batch.messages)
+        # The transaction committed for every record, revoked partitions' included.
+        return self.settle(batch.messages, list(batch.messages), failures, produced=False)
+
+    def _convert(self, msg: Message, obj: Decoded) -> Row | DeleteRequest:
+        if isinstance(obj, Chunk):
+            raise InvalidMessage(
+                "a chunk without a vector was published on the embeddings topic; publish "
+                "chunks on the chunks topic."
+            )
+        if isinstance(obj, Delete):
+            return DeleteRequest(
+                tenant_id=obj.tenant_id, doc_id=obj.doc_id, version=obj.version,
+                published_at=_published_at(msg),
+                source={"topic": msg.topic(), "partition": msg.partition(),
+                        "offset": msg.offset(), "requested_at": obj.requested_at,
+                        "reason": obj.reason},
+            )
+        return to_row(obj, msg, self.cfg)
 
     def _apply(self, rows: list[Row], deletes: list[DeleteRequest],
-               failures: list[tuple[Message, BaseException]]) -> MergeStats:
-        def on_retry(exc: BaseException, attempt: int) -> None:
-            self.metrics.retries.labels(self.metrics.stage, "database").inc()
-            self.log.warning("retrying", kind="database", attempt=attempt, error=str(exc))
+               source: dict[int, Message], failures: list[Failure]) -> MergeStats:
+        """One transaction for the batch; a row or delete the database refuses is isolated by
+        halving (deletes first, order kept: the result is what one transaction gives)."""
 
-        if not rows and not deletes:
-            return MergeStats()
-        try:
+        def run(part: Sequence[Row | DeleteRequest]) -> MergeStats:
             result: MergeStats = call_with_retry(
-                self.cfg.retry, self.store.apply, rows, deletes, self.worker_id,
-                on_retry=on_retry)
+                self.cfg.retry, self.store.apply, [r for r in part if isinstance(r, Row)],
+                [d for d in part if isinstance(d, DeleteRequest)], self.worker_id,
+                on_retry=retry_counter(self.metrics, self.log, "database"))
             return result
-        except Exception as exc:
-            if not is_permanent(exc):
-                raise
-            items: list[Row | DeleteRequest] = [*deletes, *rows]
-            if len(items) == 1:
-                msg = self._source.get(id(items[0]))
-                if msg is None:
-                    raise
-                failures.append((msg, exc))
-                return MergeStats()
-        # One record the database refuses must not hold back the rest: bisect to find it.
-        # Halves keep the order (deletes first), so the result is what one transaction gives.
-        self.log.warning("batch_bisect", rows=len(rows), deletes=len(deletes))
+
+        def on_poison(item: Row | DeleteRequest, exc: BaseException) -> None:
+            msg = source.get(id(item))
+            if msg is None:
+                raise exc
+            failures.append(Failure(msg, exc))
+
+        def on_split(part: Sequence[Row | DeleteRequest], exc: BaseException) -> None:
+            self.log.warning("batch_bisect", records=len(part), error=str(exc))
+
+        items: list[Row | DeleteRequest] = [*deletes, *rows]
         stats = MergeStats()
-        half = len(items) // 2
-        for part in (items[:half], items[half:]):
-            stats.add(self._apply([r for r in part if isinstance(r, Row)],
-                                  [d for d in part if isinstance(d, DeleteRequest)], failures))
+        for result in isolate(items, run, poison=is_permanent, on_poison=on_poison,
+                              on_split=on_split):
+            stats.add(result)
         return stats
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import run_cli
-from vecpipe.db import connect
+from vecpipe.db.pool import connect
 
 pytestmark = pytest.mark.integration
 

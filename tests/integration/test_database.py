@@ -17,21 +17,15 @@ from pgvector import Vector
 from psycopg import sql
 
 from tests.helpers import run_cli
-from vecpipe import indexes
 from vecpipe.config import with_section
-from vecpipe.db import connect, make_pool
+from vecpipe.db import indexes
+from vecpipe.db.indexes import index_name, index_state
+from vecpipe.db.migrate import load_migrations, migrate, render, variables
+from vecpipe.db.pool import connect, make_pool
+from vecpipe.db.search import Searcher
+from vecpipe.db.store import DeleteRequest, Row, Store
+from vecpipe.errors import IndexOperationError, MigrationError
 from vecpipe.messages import content_hash
-from vecpipe.migrate import (
-    MigrationError,
-    index_name,
-    index_state,
-    load_migrations,
-    migrate,
-    render,
-    variables,
-)
-from vecpipe.search import Searcher
-from vecpipe.store import DeleteRequest, Row, Store
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +118,7 @@ def test_edited_applied_migration_is_reported_with_its_file_name(
     """Editing an applied migration makes migrate fail with a MigrationError naming the file."""
     edited = [replace(m, text=m.text + "\n-- an innocent edit\n") if m.version == 2 else m
               for m in load_migrations()]
-    monkeypatch.setattr("vecpipe.migrate.load_migrations", lambda: edited)
+    monkeypatch.setattr("vecpipe.db.migrate.load_migrations", lambda: edited)
     with pytest.raises(MigrationError, match=r"0002_chunks\.sql was edited"):
         migrate(migrated)
 
@@ -262,7 +256,7 @@ def test_build_after_a_bulk_load_replaces_an_invalid_index(backfilled: Any) -> N
         assert index_state(conn, cfg.database.schema, name) == "invalid"
     stats = indexes.stats(cfg)
     assert any("INVALID" in f for ix in stats.indexes if ix.name == name for f in ix.flags)
-    with pytest.raises(indexes.IndexOperationError, match="INVALID"):
+    with pytest.raises(IndexOperationError, match="INVALID"):
         indexes.create(cfg)
     lines: list[str] = []
     result = indexes.build(cfg, progress=lines.append, interval=0.2)
@@ -429,4 +423,4 @@ def test_audit_lists_the_deletion_trail_per_tenant_and_time(three_tenants: Any) 
     assert {(r["tenant_id"], r["model_name"], r["chunks"]) for r in lineage} == {
         ("a", "all-MiniLM-L6-v2", 39), ("c", "all-MiniLM-L6-v2", 40)}
     bad = run_cli(cfg, "audit", "--since", "last tuesday", check=False)
-    assert bad.returncode == 2 and "ISO date" in bad.stderr
+    assert bad.returncode == 2 and "ISO 8601 date" in bad.stderr

@@ -14,9 +14,8 @@ import pytest
 from producers.publisher import Publisher
 from tests.helpers import read_topic, run_cli, run_stage
 from vecpipe.config import with_section
-from vecpipe.consumer import EXIT_DEAD_LETTER_RATE, StopFlag, offsets_committed
-from vecpipe.db import connect
-from vecpipe.deadletter import (
+from vecpipe.db.pool import connect
+from vecpipe.deadletter.headers import (
     H_CLASS,
     H_FIRST_FAILED,
     H_MESSAGE,
@@ -24,9 +23,15 @@ from vecpipe.deadletter import (
     H_REPLAYS,
     H_STAGE,
     H_TOPIC,
-    DeadLetters,
+    DeadLetter,
 )
-from vecpipe.faults import PermanentError
+from vecpipe.deadletter.inspect import inspect
+from vecpipe.deadletter.select import Decision, Filters
+from vecpipe.deadletter.sender import DeadLetters
+from vecpipe.errors import PermanentError
+from vecpipe.kafka.admin import admin_client, ensure_topics, offsets_committed
+from vecpipe.kafka.consumer import EXIT_DEAD_LETTER_RATE, StopFlag
+from vecpipe.kafka.producer import DurableProducer
 from vecpipe.logs import get_logger
 from vecpipe.messages import (
     CHUNK,
@@ -38,11 +43,7 @@ from vecpipe.messages import (
     header_value,
     schema_headers,
 )
-from vecpipe.producer import DurableProducer
-from vecpipe.topics import admin_client, ensure_topics
-from workers.dlq_inspect import inspect
-from workers.dlq_records import DeadLetter, Decision, Filters
-from workers.dlq_replay import ReplayOptions, default_group, replay
+from workers.replay import ReplayOptions, default_group, replay
 
 pytestmark = pytest.mark.integration
 
@@ -157,7 +158,7 @@ def test_wrong_dimension_dead_letters_every_chunk_and_after_the_fix_replay_lands
         assert m.timestamp() == original.timestamp()
         headers = m.headers()
         assert header_list(headers)[:2] == header_list(original.headers())
-        assert header_value(headers, H_CLASS) == "vecpipe.faults.PermanentError"
+        assert header_value(headers, H_CLASS) == "vecpipe.errors.PermanentError"
         assert "384 dimensions but vector.dimension is 128" in (
             header_value(headers, H_MESSAGE) or "")
         assert header_value(headers, H_TOPIC) == cfg.kafka.chunks_topic
@@ -166,7 +167,7 @@ def test_wrong_dimension_dead_letters_every_chunk_and_after_the_fix_replay_lands
 
     summary = replay_cli(cfg, "chunks")
     assert (summary["replayed"], summary["ended"]) == (len(DOCS), "end")
-    assert summary["by_error_class"] == {"vecpipe.faults.PermanentError": len(DOCS)}
+    assert summary["by_error_class"] == {"vecpipe.errors.PermanentError": len(DOCS)}
     replayed = [m for m in read_topic(cfg, cfg.kafka.chunks_topic)
                 if header_value(m.headers(), H_REPLAYS) is not None]
     assert len(replayed) == len(DOCS)
@@ -318,7 +319,7 @@ def test_inspect_lists_errors_with_counts_and_moves_no_offsets(cfg: Any) -> None
 
     table = run_cli(cfg, "dlq", "inspect", "chunks").stdout
     assert "6 record(s) on " + dlq in table
-    for count, cls in ((3, "vecpipe.faults.PermanentError"), (2, "builtins.KeyError"),
+    for count, cls in ((3, "vecpipe.errors.PermanentError"), (2, "builtins.KeyError"),
                        (1, "builtins.ValueError")):
         assert f"{count}  {cls}" in table
     assert table.index("PermanentError  ") < table.index("builtins.ValueError")
@@ -330,7 +331,7 @@ def test_inspect_lists_errors_with_counts_and_moves_no_offsets(cfg: Any) -> None
     assert {o["stage"] for o in objs} == {"embed"}
     assert all(o["original_topic"] == cfg.kafka.chunks_topic and o["replays"] == 0
                and o["age_s"] is not None for o in objs)
-    assert "3  vecpipe.faults.PermanentError" in proc.stderr
+    assert "3  vecpipe.errors.PermanentError" in proc.stderr
 
     filtered = run_cli(cfg, "dlq", "inspect", dlq, "--error-class", "KeyError").stdout
     assert "2 matching record(s)" in filtered

@@ -13,9 +13,10 @@ import pytest
 
 from producers.publisher import Publisher
 from tests.helpers import read_topic, run_stage
-from vecpipe.consumer import offsets_committed
-from vecpipe.deadletter import H_CLASS, H_MESSAGE, H_OFFSET, H_STAGE, H_TOPIC
-from vecpipe.faults import ModelOutOfMemory
+from vecpipe.deadletter.headers import H_CLASS, H_MESSAGE, H_OFFSET, H_STAGE, H_TOPIC
+from vecpipe.errors import ModelOutOfMemory
+from vecpipe.kafka.admin import offsets_committed
+from vecpipe.kafka.producer import DurableProducer
 from vecpipe.messages import (
     CHUNK,
     Chunk,
@@ -26,7 +27,6 @@ from vecpipe.messages import (
     header_value,
     schema_headers,
 )
-from vecpipe.producer import DurableProducer
 
 pytestmark = pytest.mark.integration
 
@@ -106,7 +106,7 @@ def test_poison_message_goes_to_dead_letters_and_the_good_ones_land(
     assert header_value(headers, "trace-id") == "abc"
     assert header_value(headers, H_TOPIC) == cfg.kafka.chunks_topic
     assert header_value(headers, H_STAGE) == "embed"
-    assert header_value(headers, H_CLASS) == "vecpipe.messages.InvalidMessage"
+    assert header_value(headers, H_CLASS) == "vecpipe.errors.InvalidMessage"
     assert "not valid JSON" in (header_value(headers, H_MESSAGE) or "")
     assert header_value(headers, H_OFFSET) is not None
 

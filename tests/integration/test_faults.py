@@ -57,9 +57,8 @@ from tests.faultlib import (
     wait_until,
 )
 from tests.helpers import read_topic, run_cli, run_stage
-from vecpipe.config import Unreachable
-from vecpipe.db import connect
-from vecpipe.deadletter import (
+from vecpipe.db.pool import connect
+from vecpipe.deadletter.headers import (
     H_ATTEMPTS,
     H_CLASS,
     H_MESSAGE,
@@ -70,6 +69,8 @@ from vecpipe.deadletter import (
     H_TOPIC,
     H_WORKER,
 )
+from vecpipe.errors import Unreachable
+from vecpipe.kafka.admin import ensure_topics
 from vecpipe.messages import (
     CHUNK,
     DELETE,
@@ -85,7 +86,6 @@ from vecpipe.messages import (
     header_value,
     schema_headers,
 )
-from vecpipe.topics import ensure_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

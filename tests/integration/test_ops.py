@@ -16,7 +16,7 @@ import pytest
 
 from producers.publisher import Publisher
 from tests.helpers import env_for, read_topic, run_cli, run_stage
-from vecpipe.consumer import offsets_committed
+from vecpipe.kafka.admin import offsets_committed
 from vecpipe.messages import Document
 
 pytestmark = pytest.mark.integration

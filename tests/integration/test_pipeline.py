@@ -9,7 +9,7 @@ import pytest
 
 from producers.publisher import Publisher
 from tests.helpers import run_cli
-from vecpipe.db import connect
+from vecpipe.db.pool import connect
 from vecpipe.messages import Document
 
 pytestmark = pytest.mark.integration

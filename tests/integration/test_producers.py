@@ -15,7 +15,8 @@ from jsonschema import Draft202012Validator
 
 from producers.publisher import Publisher
 from tests.helpers import env_for, read_topic
-from vecpipe.faults import DeliveryRefused
+from vecpipe.errors import DeliveryRefused
+from vecpipe.kafka.admin import admin_client
 from vecpipe.messages import (
     CHUNK,
     DELETE,
@@ -25,7 +26,6 @@ from vecpipe.messages import (
     header_value,
     load_schema,
 )
-from vecpipe.topics import admin_client
 
 pytestmark = pytest.mark.integration
 

@@ -16,13 +16,15 @@ from pgvector import Vector
 from psycopg import sql
 
 from tests.helpers import run_cli
-from vecpipe import indexes
 from vecpipe.config import load_config, with_section
-from vecpipe.db import connect, make_pool
+from vecpipe.db import indexes
+from vecpipe.db.indexes import ensure_index
+from vecpipe.db.migrate import migrate
+from vecpipe.db.pool import connect, make_pool
+from vecpipe.db.search import Searcher, SearchPolicy
+from vecpipe.db.store import Row, Store
+from vecpipe.errors import SearchError
 from vecpipe.messages import content_hash
-from vecpipe.migrate import ensure_index, migrate
-from vecpipe.search import Searcher, SearchError, SearchPolicy
-from vecpipe.store import Row, Store
 
 pytestmark = pytest.mark.integration
 

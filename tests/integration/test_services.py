@@ -1,4 +1,4 @@
-"""Integration test of vecpipe.services: real Kafka and PostgreSQL started from a tmp home."""
+"""Integration test of vecpipe.devservices: real Kafka and PostgreSQL started from a tmp home."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from vecpipe import services
+from vecpipe import devservices as services
+from vecpipe.devservices import procs
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +67,7 @@ def test_up_is_idempotent_down_keeps_data_and_purge_removes_it(tmp_path: Path) -
         services.down(home)
         stopped = services.status(home)
         assert not stopped.kafka_running and not stopped.postgres_running
-        assert not services._port_open(kafka_port) and not services._port_open(postgres_port)
+        assert not procs.port_open(kafka_port) and not procs.port_open(postgres_port)
 
         again = services.up(home)
         assert again == info

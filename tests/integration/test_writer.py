@@ -13,8 +13,10 @@ import psycopg
 import pytest
 
 from tests.helpers import read_topic, run_stage
-from vecpipe.consumer import offsets_committed
-from vecpipe.db import connect, make_pool
+from vecpipe.db.pool import connect, make_pool
+from vecpipe.db.store import DeleteRequest, Row, Store
+from vecpipe.kafka.admin import offsets_committed
+from vecpipe.kafka.producer import DurableProducer
 from vecpipe.messages import (
     DELETE,
     EMBEDDING,
@@ -26,8 +28,6 @@ from vecpipe.messages import (
     encode_embedding,
     schema_headers,
 )
-from vecpipe.producer import DurableProducer
-from vecpipe.store import DeleteRequest, Row, Store
 
 pytestmark = pytest.mark.integration
 

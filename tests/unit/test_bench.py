@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from vecpipe.bench import register, summary_lines
-from vecpipe.bench_stats import (
+from vecpipe.bench.registry import summary_lines
+from vecpipe.bench.stats import (
     Target,
     cluster_centers,
     clustered_unit_vectors,
@@ -22,7 +22,8 @@ from vecpipe.bench_stats import (
     recall_at_k,
     split_halves,
 )
-from vecpipe.bench_write import CHUNKS_PER_DOC, synthetic_rows
+from vecpipe.bench.write import CHUNKS_PER_DOC, synthetic_rows
+from vecpipe.cli.bench import register
 from vecpipe.messages import EMBEDDING, Embedding, decode, schema_headers
 
 

@@ -6,13 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from vecpipe.config import (
-    Config,
-    ConfigError,
-    env_var_names,
-    load_config,
-    validate,
-)
+from vecpipe.config import Config, env_var_names, load_config, validate
+from vecpipe.errors import ConfigError
+from vecpipe.kafka.settings import admin_config, consumer_config
 
 
 def _toml(tmp_path: Path, text: str) -> str:
@@ -98,7 +94,7 @@ log_format = "json"
     assert cfg.kafka.bootstrap == "broker:29092"
     assert cfg.kafka.partitions == 8
     assert cfg.kafka.client == {"security.protocol": "SASL_SSL"}
-    assert cfg.kafka.client_config()["security.protocol"] == "SASL_SSL"
+    assert admin_config(cfg.kafka)["security.protocol"] == "SASL_SSL"
     assert cfg.database.schema == "tenant_a"
     assert (cfg.vector.dimension, cfg.vector.metric, cfg.vector.column_type) == (
         768, "ip", "halfvec")
@@ -129,7 +125,7 @@ def test_kafka_passthrough_variables() -> None:
         "VECPIPE_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
     })
     assert cfg.kafka.client == {"sasl.username": "alice", "security.protocol": "SASL_SSL"}
-    conf = cfg.kafka.client_config(**{"group.id": "g"})
+    conf = consumer_config(cfg.kafka, "g")
     assert conf["sasl.username"] == "alice"
     assert conf["bootstrap.servers"] == cfg.kafka.bootstrap
     assert conf["group.id"] == "g"

@@ -10,7 +10,8 @@ from jsonschema import Draft202012Validator
 
 from tests.fakes import FakeProducer, FakeRecord
 from vecpipe.config import DeadLetterConfig, KafkaConfig
-from vecpipe.deadletter import (
+from vecpipe.deadletter.guard import DeadLetterGuard
+from vecpipe.deadletter.headers import (
     ERROR_PREFIXES,
     H_ATTEMPTS,
     H_CLASS,
@@ -23,11 +24,10 @@ from vecpipe.deadletter import (
     H_STAGE,
     H_TOPIC,
     H_WORKER,
-    DeadLetterGuard,
-    DeadLetterRateExceeded,
-    DeadLetters,
 )
-from vecpipe.messages import InvalidMessage, load_schema
+from vecpipe.deadletter.sender import DeadLetters
+from vecpipe.errors import DeadLetterRateExceeded, InvalidMessage
+from vecpipe.messages import load_schema
 
 
 def _dead_letters(producer: FakeProducer, stage: str = "embed") -> DeadLetters:
@@ -65,7 +65,7 @@ def test_send_keeps_the_record_and_adds_error_headers() -> None:
     assert added[H_TOPIC] == "vecpipe.chunks"
     assert added[H_PARTITION] == "2"
     assert added[H_OFFSET] == "41"
-    assert added[H_CLASS] == "vecpipe.messages.InvalidMessage"
+    assert added[H_CLASS] == "vecpipe.errors.InvalidMessage"
     assert added[H_MESSAGE] == "the value is not valid JSON: Expecting ',' at 15."
     assert "InvalidMessage" in added[H_STACK]
     assert "Traceback" in added[H_STACK]

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from vecpipe.cli import build_parser
+from vecpipe.cli.main import build_parser
 from vecpipe.config import KAFKA_PASSTHROUGH_PREFIX, env_var_names, load_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,32 +12,33 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from tests.fakes import FakeProducer, FakeRecord
-from vecpipe.cli import CommandError, build_parser
+from vecpipe.cli.common import parse_time
+from vecpipe.cli.dlq import _filters, render_replay_summary
+from vecpipe.cli.main import build_parser
 from vecpipe.config import DeadLetterConfig, KafkaConfig
-from vecpipe.consumer import StopFlag
-from vecpipe.deadletter import (
+from vecpipe.deadletter.headers import (
     ERROR_PREFIXES,
     H_CLASS,
     H_FIRST_FAILED,
     H_REPLAYS,
     H_TOPIC,
-    DeadLetters,
-)
-from vecpipe.messages import load_schema
-from workers.dlq import _filters, render_replay_summary
-from workers.dlq_inspect import InspectSummary, render_row, render_summary, table_header
-from workers.dlq_records import (
     DeadLetter,
+    replay_headers,
+)
+from vecpipe.deadletter.inspect import InspectSummary, render_row, render_summary, table_header
+from vecpipe.deadletter.select import (
     Decision,
     Filters,
     decide,
     format_age,
     parse_key_pattern,
     parse_offsets,
-    parse_time,
-    replay_headers,
 )
-from workers.dlq_replay import ReplaySummary, _Pacer, _Targets, default_group
+from vecpipe.deadletter.sender import DeadLetters
+from vecpipe.errors import CommandError
+from vecpipe.kafka.consumer import StopFlag
+from vecpipe.messages import load_schema
+from workers.replay import ReplaySummary, _Pacer, _Targets, default_group
 
 NOW = datetime(2024, 5, 1, 3, 0, tzinfo=UTC)
 ORIGINAL_HEADERS = [("vecpipe.schema", b"vecpipe.chunk"), ("vecpipe.schema.version", b"1"),
@@ -130,7 +131,7 @@ def test_parse_time_takes_durations_and_iso_times(text: str, expected: datetime)
 @pytest.mark.parametrize("text", ["yesterday", "2x", "", "12"])
 def test_parse_time_rejects_other_text_with_a_sentence(text: str) -> None:
     """A wrong --since names the flag and shows both accepted forms."""
-    with pytest.raises(ValueError, match=r"--since .* ISO 8601 .* duration"):
+    with pytest.raises(CommandError, match=r"--since .* ISO 8601 .* duration"):
         parse_time(text, NOW)
 
 
@@ -140,9 +141,9 @@ def test_parse_offsets() -> None:
     assert parse_offsets(" 7 - 9 ") == (7, 9)
     assert parse_offsets("100-") == (100, None)
     assert parse_offsets("5") == (5, 5)
-    with pytest.raises(ValueError, match="ends before it starts"):
+    with pytest.raises(CommandError, match="ends before it starts"):
         parse_offsets("9-7")
-    with pytest.raises(ValueError, match="A-B"):
+    with pytest.raises(CommandError, match="A-B"):
         parse_offsets("a-b")
 
 
@@ -152,7 +153,7 @@ def test_key_pattern_is_a_glob_or_a_marked_regex() -> None:
     assert glob("acme/doc-1") and not glob("other/acme/doc-1")
     assert parse_key_pattern("re:doc-[0-9]+$")("acme/doc-12")
     assert not parse_key_pattern("/^doc/")("acme/doc-12")
-    with pytest.raises(ValueError, match="not a valid regular expression"):
+    with pytest.raises(CommandError, match="not a valid regular expression"):
         parse_key_pattern("re:(")
 
 
@@ -160,7 +161,7 @@ def test_filters_combine_and_each_one_excludes() -> None:
     """Every filter that is set must match; an unset one lets everything through."""
     dead = DeadLetter.of(chunk_record(
         topic_="vecpipe.chunks.dlq", partition_=1, offset_=10,
-        headers_=[(H_CLASS, b"vecpipe.faults.PermanentError"), (H_TOPIC, b"vecpipe.chunks"),
+        headers_=[(H_CLASS, b"vecpipe.errors.PermanentError"), (H_TOPIC, b"vecpipe.chunks"),
                   (H_FIRST_FAILED, (NOW - timedelta(hours=1)).isoformat().encode())]))
     assert Filters().matches(dead) and not Filters().active
     everything = Filters(error_class="permanenterror", since=NOW - timedelta(hours=2),

@@ -13,17 +13,12 @@ import pytest
 
 from tests.fakes import FakeProducer, FakeRecord, Sent
 from vecpipe.config import Config, load_config
-from vecpipe.consumer import Batch
-from vecpipe.deadletter import (
-    H_CLASS,
-    H_MESSAGE,
-    H_STAGE,
-    DeadLetterGuard,
-    DeadLetterRateExceeded,
-    DeadLetters,
-)
-from vecpipe.faults import ModelOutOfMemory
+from vecpipe.deadletter.guard import DeadLetterGuard
+from vecpipe.deadletter.headers import H_CLASS, H_MESSAGE, H_STAGE
+from vecpipe.deadletter.sender import DeadLetters
+from vecpipe.errors import DeadLetterRateExceeded, ModelOutOfMemory
 from vecpipe.health import Metrics
+from vecpipe.kafka.consumer import Batch
 from vecpipe.logs import get_logger
 from vecpipe.messages import (
     CHUNK,
@@ -113,7 +108,7 @@ class FakeCache:
     known: dict[str, npt.NDArray[np.float32]]
     lookups: list[tuple[list[str], str, str, str]] = field(default_factory=list)
 
-    def lookup(self, hashes: Sequence[str], model: str, revision: str,
+    def cached_vectors(self, hashes: Sequence[str], model: str, revision: str,
                backend: str) -> dict[str, npt.NDArray[np.float32]]:
         self.lookups.append((list(hashes), model, revision, backend))
         return {h: self.known[h] for h in hashes if h in self.known}
@@ -262,7 +257,7 @@ def test_poison_message_goes_to_dead_letters_and_the_rest_lands() -> None:
     [dead] = s.dead()
     assert (dead.value, dead.key) == (bad.value_, bad.key_)
     headers = dict(dead.headers)
-    assert headers[H_CLASS] == b"vecpipe.messages.InvalidMessage"
+    assert headers[H_CLASS] == b"vecpipe.errors.InvalidMessage"
     assert headers[H_STAGE] == b"embed"
     assert "not valid JSON" in dead_message(dead)
     assert s.counted("ok") == 2
@@ -419,7 +414,7 @@ def test_failing_cache_falls_back_to_the_model() -> None:
     """A cache that fails never stops the stage: the model embeds instead."""
 
     class BrokenCache(FakeCache):
-        def lookup(self, hashes: Sequence[str], model: str, revision: str,
+        def cached_vectors(self, hashes: Sequence[str], model: str, revision: str,
                    backend: str) -> dict[str, npt.NDArray[np.float32]]:
             self.lookups.append((list(hashes), model, revision, backend))
             raise ConnectionError("database down")

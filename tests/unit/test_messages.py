@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from vecpipe.errors import InvalidMessage
 from vecpipe.messages import (
     CHUNK,
     DELETE,
@@ -22,7 +23,6 @@ from vecpipe.messages import (
     Delete,
     Document,
     Embedding,
-    InvalidMessage,
     content_hash,
     decode,
     document_key,

@@ -8,16 +8,10 @@ from typing import Any
 import pytest
 
 from vecpipe.config import load_config, with_section
-from vecpipe.plan import (
-    BLCKSZ,
-    PlanError,
-    Workload,
-    estimate,
-    format_bytes,
-    maxalign,
-    vector_index_bytes,
-)
-from vecpipe.search import Searcher, SearchPolicy, Strategy, tenant_index_name
+from vecpipe.db.indexes import tenant_index_name
+from vecpipe.db.plan import BLCKSZ, Workload, estimate, format_bytes, maxalign, vector_index_bytes
+from vecpipe.db.search import Searcher, SearchPolicy, Strategy
+from vecpipe.errors import PlanError
 
 
 def test_vector_384_row_is_1848_bytes_with_its_text_in_toast() -> None:

@@ -11,8 +11,8 @@ from confluent_kafka import TIMESTAMP_CREATE_TIME, TIMESTAMP_NOT_AVAILABLE, Kafk
 
 from tests.fakes import FakeRecord
 from vecpipe.config import KafkaConfig
-from vecpipe.faults import DeliveryFailed, DeliveryRefused
-from vecpipe.producer import DurableProducer
+from vecpipe.errors import DeliveryFailed, DeliveryRefused
+from vecpipe.kafka.producer import DurableProducer
 
 
 @dataclass

@@ -14,9 +14,12 @@ import pytest
 
 from tests.fakes import FakeProducer, FakeRecord, Sent
 from vecpipe.config import Config, load_config
-from vecpipe.consumer import Batch
-from vecpipe.deadletter import H_CLASS, H_MESSAGE, H_STAGE, DeadLetterGuard, DeadLetters
+from vecpipe.db.store import DeleteRequest, MergeStats, Row, collapse
+from vecpipe.deadletter.guard import DeadLetterGuard
+from vecpipe.deadletter.headers import H_CLASS, H_MESSAGE, H_STAGE
+from vecpipe.deadletter.sender import DeadLetters
 from vecpipe.health import Metrics
+from vecpipe.kafka.consumer import Batch
 from vecpipe.logs import get_logger
 from vecpipe.messages import (
     CHUNK,
@@ -31,7 +34,6 @@ from vecpipe.messages import (
     encode_embedding,
     schema_headers,
 )
-from vecpipe.store import DeleteRequest, MergeStats, Row, collapse
 from workers.write import WriteProcessor
 
 DIM = 4
@@ -250,7 +252,7 @@ def test_bad_vectors_and_nul_text_are_dead_lettered_precisely() -> None:
     for dead, msg in zip(s.dead(), msgs[1:], strict=True):
         assert (dead.value, dead.key) == (msg.value_, msg.key_)
         assert dict(dead.headers)[H_STAGE] == b"write"
-        assert dict(dead.headers)[H_CLASS] == b"vecpipe.faults.PermanentError"
+        assert dict(dead.headers)[H_CLASS] == b"vecpipe.errors.PermanentError"
     assert s.producer.flushes == 1
     dead_count = s.metrics.registry.get_sample_value(
         "vecpipe_dead_letters_total", {"stage": "write"})

@@ -1,0 +1,7 @@
+"""``python -m vecpipe.cli``: the same as the ``vecpipe`` command."""
+
+import sys
+
+from vecpipe.cli.main import main
+
+sys.exit(main())

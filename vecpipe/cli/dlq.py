@@ -1,0 +1,308 @@
+"""``vecpipe dlq inspect`` and ``vecpipe dlq replay``: what failed and why, then send it back.
+
+inspect reads a dead-letter topic without moving any consumer group; replay sends the records an
+operator picked back to their original topic (see ``workers.replay`` for its guarantees).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from vecpipe.cli.common import (
+    add_kafka_flags,
+    config_from_args,
+    parse_time,
+    partition_list,
+    positive_float,
+    positive_int,
+)
+from vecpipe.config import Config
+from vecpipe.errors import CommandError
+
+if TYPE_CHECKING:
+    from vecpipe.deadletter.headers import DeadLetter
+    from vecpipe.deadletter.select import Decision, Filters
+    from vecpipe.kafka.consumer import StopFlag
+    from workers.replay import ReplaySummary
+
+# Only argparse work happens at import: every ``vecpipe`` command builds this parser, so the
+# Kafka client, numpy and friends load in the handlers, when a dlq command actually runs.
+
+__all__ = ["cmd_inspect", "cmd_replay", "register", "render_replay_summary", "resolve_topic"]
+
+EXIT_INTERRUPTED = 130
+
+
+# -- arguments ------------------------------------------------------------------------------
+
+def _add_filter_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filters (all that are given must match)")
+    g.add_argument("--error-class", metavar="TEXT",
+                   help="exception class contains TEXT (case-insensitive), e.g. PermanentError")
+    g.add_argument("--since", metavar="WHEN",
+                   help="first failed at or after WHEN: ISO 8601 time or a duration back "
+                        "from now (30m, 2h, 1d)")
+    g.add_argument("--until", metavar="WHEN", help="first failed at or before WHEN (as --since)")
+    g.add_argument("--partition", type=partition_list, action="extend", metavar="P[,P...]",
+                   help="partition(s) of the dead-letter topic (repeatable)")
+    g.add_argument("--offsets", metavar="A-B",
+                   help="offsets of the dead-letter topic: A-B inclusive, A- or A")
+    g.add_argument("--key-pattern", metavar="PATTERN",
+                   help="record key matches a glob (tenant-a/*) or a regex written re:EXPR "
+                        "or /EXPR/")
+    p.add_argument("--max-replays", type=positive_int, metavar="N",
+                   help="records already replayed N times are not replayed again "
+                        "(dead_letter.max_replays, VECPIPE_DEAD_LETTER_MAX_REPLAYS)")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``dlq inspect`` and ``dlq replay`` to the ``vecpipe`` command."""
+    dlq = subparsers.add_parser(
+        "dlq", help="inspect and replay dead-letter topics",
+        description="See what failed and why, then send it back once the cause is fixed. "
+                    "TOPIC is a dead-letter topic, or 'chunks' / 'embeddings' for the "
+                    "configured stages' own.")
+    actions = dlq.add_subparsers(dest="dlq_action", required=True, metavar="ACTION")
+
+    p = actions.add_parser(
+        "inspect", help="list dead-letter records with their errors; moves no offsets",
+        description="List the records of a dead-letter topic with error class and message, "
+                    "origin, stage, attempts, replays and age, then counts by error class. "
+                    "Reads without a consumer group: nothing is committed or disturbed.")
+    p.add_argument("topic", metavar="TOPIC")
+    add_kafka_flags(p)
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per record on stdout; the counts go to stderr")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="keep listing new records until interrupted")
+    p.add_argument("--limit", type=positive_int, metavar="N",
+                   help="list at most N records (the counts still cover the whole topic; "
+                        "with --follow, stop after N)")
+    _add_filter_flags(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = actions.add_parser(
+        "replay", help="send dead-letter records back to their original topic",
+        description="Send the records picked by the filters back to the topic they failed on "
+                    "(or --to TOPIC), with their key, value, headers and timestamp and a "
+                    "replay count one higher. Progress is kept in a consumer group only after "
+                    "the broker acknowledged the records: run the same command again to "
+                    "resume. Stops at the end of the topic as of the start.")
+    p.add_argument("topic", metavar="TOPIC")
+    add_kafka_flags(p)
+    p.add_argument("--to", metavar="TOPIC", help="send here instead of the original topic")
+    p.add_argument("--group", help="consumer group keeping the progress "
+                                   "(default vecpipe-dlq-replay.<dead-letter topic>)")
+    p.add_argument("--from-beginning", action="store_true",
+                   help="reset the group and scan the whole topic again")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be sent; send and store nothing")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="replay at most N records")
+    p.add_argument("--rate", type=positive_float, metavar="N",
+                   help="at most N records a second")
+    p.add_argument("--json", action="store_true",
+                   help="JSON lines: printed records, then a summary object")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print every replayed record, not only the skipped ones")
+    _add_filter_flags(p)
+    p.set_defaults(func=cmd_replay)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    from vecpipe.logs import configure_logging
+
+    cfg = config_from_args(args, dead_letter={"max_replays": args.max_replays})
+    configure_logging(cfg.ops.log_format, cfg.ops.log_level, stage="dlq",
+                      worker_id=cfg.ops.worker_id)
+    return cfg
+
+
+def _filters(args: argparse.Namespace) -> Filters:
+    from vecpipe.deadletter.select import Filters, parse_offsets
+
+    now = datetime.now(UTC)
+    filters = Filters(
+        error_class=args.error_class or None,
+        since=parse_time(args.since, now, "--since") if args.since else None,
+        until=parse_time(args.until, now, "--until") if args.until else None,
+        partitions=frozenset(args.partition) if args.partition else None,
+        offsets=parse_offsets(args.offsets) if args.offsets else None,
+        key_pattern=args.key_pattern,
+    )
+    if filters.since and filters.until and filters.since > filters.until:
+        raise CommandError(f"--since {args.since!r} is after --until {args.until!r}; nothing "
+                           "can match.")
+    return filters
+
+
+def resolve_topic(cfg: Config, name: str) -> str:
+    """The dead-letter topic that ``name`` means; a sentence when it is not one that exists."""
+    from vecpipe.kafka.admin import check_broker
+
+    k = cfg.kafka
+    aliases = {"chunks": k.dlq_topic(k.chunks_topic), "embeddings": k.dlq_topic(k.embeddings_topic)}
+    topic = aliases.get(name, name)
+    existing = set(check_broker(k).list_topics(timeout=15).topics)
+    dead_topics = sorted(t for t in existing if t.endswith(k.dlq_suffix))
+    if topic not in existing:
+        known = ", ".join(dead_topics) or "none yet"
+        raise CommandError(f"there is no topic {topic!r} on {k.bootstrap}; the dead-letter "
+                           f"topics there are: {known}.")
+    if not topic.endswith(k.dlq_suffix) and k.dlq_topic(topic) in existing:
+        raise CommandError(f"{topic!r} is a pipeline topic, not a dead-letter topic; did you "
+                           f"mean {k.dlq_topic(topic)!r}?")
+    return topic
+
+
+def _out(line: str) -> None:
+    print(line, flush=True)
+
+
+def _stop_flag() -> StopFlag:
+    from vecpipe.kafka.consumer import StopFlag
+
+    stop = StopFlag()
+    stop.install_signal_handlers()
+    return stop
+
+
+def _quiet_broken_pipe(run: Callable[[], int]) -> int:
+    """``vecpipe dlq inspect ... | head`` ends quietly when the reader goes away."""
+    try:
+        return run()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+# -- inspect ----------------------------------------------------------------------------------
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``vecpipe dlq inspect TOPIC``."""
+    from vecpipe.deadletter.inspect import inspect, render_row, render_summary, table_header
+
+    cfg = _config(args)
+    now = datetime.now(UTC)
+
+    def emit(dead: DeadLetter) -> None:
+        _out(render_row(dead, datetime.now(UTC) if args.follow else now, as_json=args.json))
+
+    def run() -> int:
+        filters = _filters(args)
+        topic = resolve_topic(cfg, args.topic)
+        stop = _stop_flag()
+        if not args.json:
+            _out(table_header())
+        summary = inspect(cfg.kafka, topic, filters=filters, limit=args.limit,
+                          follow=args.follow, max_replays=cfg.dead_letter.max_replays,
+                          stop=stop, emit=emit)
+        lines = render_summary(summary, filters, cfg.dead_letter.max_replays, args.limit)
+        for line in lines if not args.json else lines[1:]:
+            print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+        return 0
+
+    return _quiet_broken_pipe(run)
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+_ENDED = {
+    "end": "reached the end of the topic as it was when the replay started",
+    "limit": "stopped at --limit; run the same command again to go on",
+    "stopped": "interrupted; everything acknowledged is kept, run the same command again "
+               "to resume",
+    "nothing_left": "nothing left: this group already went past every record (add "
+                    "--from-beginning to scan the whole topic again)",
+    "halted": "halted before a record it must not send (the reason follows); the records "
+              "before it were replayed and their progress kept",
+}
+
+
+def _record_line(dead: DeadLetter, decision: Decision, target: str | None, dry_run: bool,
+                 as_json: bool) -> str:
+    from vecpipe.deadletter.select import Decision, format_age
+
+    if as_json:
+        return json.dumps({
+            "action": decision.value, "dlq_partition": dead.partition,
+            "dlq_offset": dead.offset, "target": target, "key": dead.key_text,
+            "error_class": dead.error_class, "replays": dead.replays,
+        }, ensure_ascii=False)
+    where = f"{dead.partition}:{dead.offset}"
+    age = format_age(dead.age(datetime.now(UTC)))
+    about = f"{dead.short_class}  key={dead.key_text}  age={age}"
+    if decision is Decision.REPLAY:
+        verb = "would replay" if dry_run else "replayed"
+        return (f"{verb:<12} {where:<10} -> {target}  replays {dead.replays}->"
+                f"{dead.replays + 1}  {about}")
+    if decision is Decision.SKIP_MAX_REPLAYS:
+        return f"{'skip':<12} {where:<10} already replayed {dead.replays} time(s)  {about}"
+    return f"{'skip':<12} {where:<10} no original topic header; use --to  {about}"
+
+
+def render_replay_summary(s: ReplaySummary) -> list[str]:
+    """The human summary printed at the end of a replay."""
+    lines = [""]
+    if s.dry_run:
+        lines.append("DRY RUN: nothing was sent and no progress was stored.")
+    lines.append(f"replay of {s.topic} (group {s.group}): {_ENDED[s.ended]}")
+    targets = ", ".join(f"{t} {n}" for t, n in s.targets.most_common())
+    rows = [
+        ("would replay" if s.dry_run else "replayed", s.replayed,
+         f"to {targets}" if targets else ""),
+        ("skipped by filter", s.skipped_filter, ""),
+        (f"skipped, already replayed {s.max_replays} time(s)", s.skipped_max_replays,
+         "dead_letter.max_replays: fix the cause, they keep failing" if s.skipped_max_replays
+         else ""),
+        ("skipped, no original topic", s.skipped_no_origin,
+         "replay them with --to TOPIC" if s.skipped_no_origin else ""),
+    ]
+    for label, n, note in rows:
+        lines.append(f"  {label:<36}{n:>8}  {note}".rstrip())
+    if s.by_class:
+        lines.append("by error class:")
+        for cls, n in s.by_class.most_common():
+            lines.append(f"  {n:>8}  {cls}")
+    return lines
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """``vecpipe dlq replay TOPIC``."""
+    from vecpipe.deadletter.select import Decision
+    from vecpipe.logs import get_logger
+    from workers.replay import ReplayOptions, default_group, replay
+
+    cfg = _config(args)
+
+    def on_record(dead: DeadLetter, decision: Decision, target: str | None) -> None:
+        if decision is Decision.SKIP_FILTER:
+            return
+        if decision is Decision.REPLAY and not (args.dry_run or args.verbose):
+            return
+        _out(_record_line(dead, decision, target, args.dry_run, args.json))
+
+    def run() -> int:
+        topic = resolve_topic(cfg, args.topic)
+        opts = ReplayOptions(filters=_filters(args), to=args.to,
+                             group=args.group or default_group(topic), dry_run=args.dry_run,
+                             limit=args.limit, rate=args.rate,
+                             from_beginning=args.from_beginning)
+        summary = replay(cfg, topic, opts, stop=_stop_flag(), log=get_logger(),
+                         on_record=on_record)
+        if args.json:
+            _out(json.dumps({"summary": summary.to_json()}))
+        else:
+            for line in render_replay_summary(summary):
+                _out(line)
+        if summary.ended == "halted":
+            raise CommandError(summary.halt_reason)
+        return EXIT_INTERRUPTED if summary.ended == "stopped" else 0
+
+    return _quiet_broken_pipe(run)

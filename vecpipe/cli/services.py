@@ -1,0 +1,47 @@
+"""``vecpipe services up|down|status``: the local Kafka and PostgreSQL, without Docker."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from vecpipe.cli.common import home_of
+
+__all__ = ["register"]
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    """Start, stop or show the local services; exit 1 when one of them is not running."""
+    from vecpipe import devservices
+
+    home = home_of(args)
+    if args.action == "up":
+        info = devservices.up(home, kafka_port=args.kafka_port, postgres_port=args.postgres_port,
+                              progress=lambda line: print(line, file=sys.stderr))
+    elif args.action == "down":
+        devservices.down(home, purge=args.purge)
+        print(f"services stopped{' and data removed' if args.purge else ''} ({home})")
+        return 0
+    else:
+        info = devservices.status(home)
+    print(f"kafka     {'running' if info.kafka_running else 'stopped'}  "
+          f"VECPIPE_KAFKA_BOOTSTRAP={info.bootstrap}")
+    print(f"postgres  {'running' if info.postgres_running else 'stopped'}  "
+          f"VECPIPE_DATABASE_URL={info.database_url}")
+    if args.action == "status" and args.env:
+        print(f"export VECPIPE_KAFKA_BOOTSTRAP={info.bootstrap}")
+        print(f"export VECPIPE_DATABASE_URL={info.database_url}")
+    return 0 if info.kafka_running and info.postgres_running else 1
+
+
+def register(sub: Any) -> None:
+    """Add ``vecpipe services``."""
+    p = sub.add_parser("services", help="start, stop or show the local Kafka and PostgreSQL")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--home", help="where services keep their data (VECPIPE_HOME)")
+    p.add_argument("--purge", action="store_true", help="with down: remove their data too")
+    p.add_argument("--env", action="store_true", help="with status: print export lines")
+    p.add_argument("--kafka-port", type=int, help="with up: the broker's port (default 9092)")
+    p.add_argument("--postgres-port", type=int, help="with up: PostgreSQL's port (default 5432)")
+    p.set_defaults(func=cmd_services)

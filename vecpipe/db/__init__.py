@@ -1,0 +1,1 @@
+"""PostgreSQL: pool, column list, indexes, migrations, store, search, audit and plan."""

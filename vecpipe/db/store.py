@@ -1,0 +1,308 @@
+"""The chunks store: idempotent merges, deletes with an audit trail, and vector look-ups.
+
+One batch is one transaction: COPY (FORMAT BINARY) into a temporary staging table, record the
+newest version of each document, merge the chunks with INSERT ... ON CONFLICT, remove the chunks
+a shorter new version no longer has, and apply deletes. Every statement takes rows in key order,
+so concurrent writers on overlapping keys queue behind each other instead of deadlocking; and
+because the merge is idempotent, a batch retried after a deadlock, serialization failure or lost
+connection leaves the database as if it had run once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+from pgvector import HalfVector, Vector
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from vecpipe.config import Config
+from vecpipe.db.schema import CHANGES, KEY, MERGED, STAGING, copy_types, staging_table
+
+__all__ = ["DeleteRequest", "MergeStats", "Row", "Store"]
+
+# Staging is TEMPORARY (``vecpipe.db.schema.staging_table``): it is private to the writer's
+# session (concurrent writers never see each other's rows), is not WAL-logged (it only lives
+# for the transaction, so it needs no crash safety), and is emptied on commit. ON COMMIT DELETE
+# ROWS keeps its definition per connection, so a batch pays for a COPY, not for a CREATE.
+
+# 1. The newest version of each document: a version lower than the stored one changes nothing;
+#    a deleted document is revived only by a newer version, and never by a chunk published
+#    before a deletion without a version (of the document or of its tenant).
+_DOCUMENTS = """
+INSERT INTO {schema}.documents AS d (tenant_id, doc_id, version, chunk_count, deleted)
+SELECT DISTINCT ON (s.tenant_id, s.doc_id) s.tenant_id, s.doc_id, s.doc_version, s.chunk_count,
+       false
+FROM vecpipe_staging s
+LEFT JOIN {schema}.tenant_deletions t ON t.tenant_id = s.tenant_id
+LEFT JOIN {schema}.documents o ON o.tenant_id = s.tenant_id AND o.doc_id = s.doc_id
+WHERE (t.deleted_before IS NULL OR s.published_at > t.deleted_before)
+  AND (o.deleted_before IS NULL OR s.published_at > o.deleted_before)
+ORDER BY s.tenant_id, s.doc_id, s.doc_version DESC
+ON CONFLICT (tenant_id, doc_id) DO UPDATE
+SET version = EXCLUDED.version, chunk_count = EXCLUDED.chunk_count, deleted = false,
+    updated_at = now()
+WHERE d.version < EXCLUDED.version
+   -- Deleted without a version: the same version published again after the delete (the rows
+   -- published before it were filtered out above) brings the document back.
+   OR (d.deleted AND d.deleted_before IS NOT NULL AND d.version = EXCLUDED.version)
+"""
+
+# 2. Merge the chunks of each document's newest version. A row is rewritten only when its
+#    content or its model changed (the columns ``schema.CHANGES`` lists): re-ingesting
+#    unchanged content updates nothing.
+_MERGE = """
+INSERT INTO {schema}.chunks AS c ({merged})
+SELECT {staged}
+FROM vecpipe_staging s
+JOIN {schema}.documents d ON d.tenant_id = s.tenant_id AND d.doc_id = s.doc_id
+WHERE s.doc_version = d.version AND NOT d.deleted AND s.chunk_index < d.chunk_count
+  AND (d.deleted_before IS NULL OR s.published_at > d.deleted_before)
+ORDER BY s.tenant_id, s.doc_id, s.chunk_index
+ON CONFLICT (tenant_id, doc_id, chunk_index) DO UPDATE
+SET {updates}, written_at = now()
+WHERE c.doc_version <= EXCLUDED.doc_version
+  AND ({stored_changes}) IS DISTINCT FROM ({new_changes})
+RETURNING (xmax = 0) AS inserted
+"""
+
+
+def _merge_statement(schema: sql.Identifier) -> sql.Composed:
+    def names(prefix: str, columns: Sequence[str]) -> sql.Composed:
+        return sql.SQL(", ").join(sql.SQL(prefix) + sql.Identifier(c) for c in columns)
+
+    updates = sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
+                                 for c in MERGED if c not in KEY)
+    return sql.SQL(_MERGE).format(
+        schema=schema, merged=names("", MERGED), staged=names("s.", MERGED), updates=updates,
+        stored_changes=names("c.", CHANGES), new_changes=names("EXCLUDED.", CHANGES))
+
+
+# 3. A version with fewer chunks than the one before: the chunks past its end go.
+_STALE = """
+DELETE FROM {schema}.chunks c
+USING (SELECT DISTINCT tenant_id, doc_id FROM vecpipe_staging) s, {schema}.documents d
+WHERE c.tenant_id = s.tenant_id AND c.doc_id = s.doc_id
+  AND d.tenant_id = s.tenant_id AND d.doc_id = s.doc_id
+  AND NOT d.deleted AND c.chunk_index >= d.chunk_count AND c.doc_version <= d.version
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One embedding to merge, with where it came from (for collapsing duplicates)."""
+
+    tenant_id: str
+    doc_id: str
+    chunk_index: int
+    doc_version: int
+    chunk_count: int
+    content_hash: str
+    content: str
+    char_start: int
+    char_end: int
+    source_uri: str
+    metadata: dict[str, Any]
+    embedding: npt.NDArray[np.float32]
+    model_name: str
+    model_revision: str
+    model_backend: str
+    embedded_at: datetime
+    published_at: datetime
+    offset: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """(tenant, document, chunk index): the primary key."""
+        return (self.tenant_id, self.doc_id, self.chunk_index)
+
+
+@dataclass(frozen=True)
+class DeleteRequest:
+    """A document (``doc_id``) or tenant deletion, with its message's provenance for the audit."""
+
+    tenant_id: str
+    doc_id: str | None
+    version: int | None
+    published_at: datetime
+    source: dict[str, Any] = field(default_factory=dict)
+    # The highest version of this document whose chunks came before the delete in its batch and
+    # were dropped unmerged: the tombstone records it, as if they had been merged first.
+    supersedes: int = 0
+
+
+@dataclass
+class MergeStats:
+    """What one batch did to the database."""
+
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    stale_deleted: int = 0
+    deleted: int = 0
+
+    def add(self, other: MergeStats) -> None:
+        """Accumulate ``other`` into this one."""
+        for name in ("inserted", "updated", "unchanged", "stale_deleted", "deleted"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def collapse(rows: Sequence[Row]) -> list[Row]:
+    """Keep one row per key, the newest (highest version, then offset), sorted by key.
+
+    Two rows for one key in a single INSERT ... ON CONFLICT would fail with "cannot affect row a
+    second time"; sorting by key makes every writer lock rows in the same order.
+    """
+    best: dict[tuple[str, str, int], Row] = {}
+    for row in rows:
+        cur = best.get(row.key)
+        if cur is None or (row.doc_version, row.offset) > (cur.doc_version, cur.offset):
+            best[row.key] = row
+    return [best[k] for k in sorted(best)]
+
+
+class Store:
+    """Database operations of the writer, the search and the ops tools, over one pool."""
+
+    def __init__(self, cfg: Config, pool: ConnectionPool[Any]) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.schema = sql.Identifier(cfg.database.schema)
+        self._vtype = cfg.vector.column_type
+        self._wrap: type[Vector] | type[HalfVector] = (
+            HalfVector if self._vtype == "halfvec" else Vector)
+        self._merge_sql = _merge_statement(self.schema)
+        self._copy_sql = sql.SQL("COPY vecpipe_staging ({}) FROM STDIN (FORMAT BINARY)").format(
+            sql.SQL(", ").join(map(sql.Identifier, STAGING)))
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(schema=self.schema)
+
+    def apply(self, rows: Sequence[Row], deletes: Sequence[DeleteRequest],
+              worker_id: str = "") -> MergeStats:
+        """Apply deletes, then merge ``rows``, in one transaction. Idempotent."""
+        stats = MergeStats()
+        with self.pool.connection() as conn, conn.transaction():
+            for req in sorted(deletes, key=lambda r: (r.tenant_id, r.doc_id or "")):
+                stats.deleted += self._delete(conn, req, worker_id)
+            merged = collapse(rows)
+            if merged:
+                stats.add(self._merge(conn, merged))
+        return stats
+
+    def _merge(self, conn: psycopg.Connection[Any], rows: list[Row]) -> MergeStats:
+        conn.execute(staging_table(self.cfg.vector))
+        with conn.cursor() as cur:
+            with cur.copy(self._copy_sql) as copy:
+                copy.set_types(copy_types(self.cfg.vector))
+                for r in rows:
+                    copy.write_row((
+                        r.tenant_id, r.doc_id, r.chunk_index, r.doc_version, r.chunk_count,
+                        bytes.fromhex(r.content_hash), r.content, r.char_start, r.char_end,
+                        r.source_uri, Jsonb(r.metadata), self._wrap(r.embedding),
+                        r.model_name, r.model_revision, r.model_backend, r.embedded_at,
+                        r.published_at,
+                    ))
+            cur.execute(self._q(_DOCUMENTS))
+            cur.execute(self._merge_sql)
+            flags = [row[0] for row in cur.fetchall()]
+            cur.execute(self._q(_STALE))
+            stale = cur.rowcount
+        inserted = sum(1 for f in flags if f)
+        return MergeStats(inserted=inserted, updated=len(flags) - inserted,
+                          unchanged=len(rows) - len(flags), stale_deleted=max(stale, 0))
+
+    def _delete(self, conn: psycopg.Connection[Any], req: DeleteRequest, worker_id: str) -> int:
+        source = json.dumps({**req.source, "worker": worker_id})
+        if req.doc_id is None:
+            return self._delete_tenant(conn, req, source)
+        # The document row is the tombstone: chunks of this version or older never come back,
+        # nor (a delete without a version) chunks published before the delete (migration 0005).
+        row = conn.execute(self._q(
+            "INSERT INTO {schema}.documents AS d"
+            "  (tenant_id, doc_id, version, chunk_count, deleted, deleted_before)"
+            " VALUES (%(t)s, %(d)s, greatest(%(v)s::bigint, %(s)s::bigint), 0, true,"
+            "         CASE WHEN %(v)s::bigint IS NULL THEN %(at)s::timestamptz END)"
+            " ON CONFLICT (tenant_id, doc_id) DO UPDATE"
+            " SET deleted = true, version = greatest(d.version, EXCLUDED.version),"
+            "     deleted_before = greatest(d.deleted_before, EXCLUDED.deleted_before),"
+            "     updated_at = now()"
+            " WHERE %(v)s::bigint IS NULL OR d.version <= %(v)s::bigint"
+            " RETURNING version"),
+            {"t": req.tenant_id, "d": req.doc_id, "v": req.version, "s": req.supersedes,
+             "at": req.published_at},
+        ).fetchone()
+        applied = row is not None
+        removed = 0
+        if applied:
+            cur = conn.execute(self._q(
+                "DELETE FROM {schema}.chunks WHERE tenant_id = %s AND doc_id = %s"),
+                (req.tenant_id, req.doc_id))
+            removed = max(cur.rowcount, 0)
+        conn.execute(self._q(
+            "INSERT INTO {schema}.audit_log (action, tenant_id, doc_id, doc_version,"
+            " rows_deleted, applied, source) VALUES ('delete_document', %s, %s, %s, %s, %s, %s)"),
+            (req.tenant_id, req.doc_id, req.version, removed, applied, source))
+        return removed
+
+    def _delete_tenant(self, conn: psycopg.Connection[Any], req: DeleteRequest,
+                       source: str) -> int:
+        conn.execute(self._q(
+            "INSERT INTO {schema}.tenant_deletions (tenant_id, deleted_before) VALUES (%s, %s)"
+            " ON CONFLICT (tenant_id) DO UPDATE"
+            " SET deleted_before = greatest({schema}.tenant_deletions.deleted_before,"
+            "                               EXCLUDED.deleted_before)"),
+            (req.tenant_id, req.published_at))
+        conn.execute(self._q(
+            "UPDATE {schema}.documents SET deleted = true, updated_at = now(),"
+            " deleted_before = greatest(deleted_before, %s)"
+            " WHERE tenant_id = %s"), (req.published_at, req.tenant_id))
+        cur = conn.execute(self._q("DELETE FROM {schema}.chunks WHERE tenant_id = %s"),
+                           (req.tenant_id,))
+        removed = max(cur.rowcount, 0)
+        conn.execute(self._q(
+            "INSERT INTO {schema}.audit_log (action, tenant_id, doc_id, doc_version,"
+            " rows_deleted, applied, source) VALUES ('delete_tenant', %s, NULL, NULL, %s, true,"
+            " %s)"), (req.tenant_id, removed, source))
+        return removed
+
+    def cached_vectors(
+        self, hashes: Sequence[str], model: str, revision: str, backend: str,
+        timeout_s: float = 2.0,
+    ) -> dict[str, npt.NDArray[np.float32]]:
+        """Stored vectors for content hashes embedded by this exact model and backend.
+
+        Reuse crosses tenants (equal text, equal vector), so it goes through the SECURITY DEFINER
+        function of migration 0004, which returns hashes and vectors only: the embedder needs no
+        read access to chunks, and never sees another tenant's text or documents. The lookup
+        waits at most ``timeout_s`` for a connection: while the database is away the embedder
+        must encode instead of waiting for an optional cache.
+        """
+        if not hashes:
+            return {}
+        with self.pool.connection(timeout=timeout_s) as conn:
+            rows = conn.execute(self._q(
+                "SELECT content_hash, embedding FROM {schema}.cached_vectors(%s, %s, %s, %s)"),
+                ([bytes.fromhex(h) for h in hashes], model, revision, backend),
+            ).fetchall()
+        return {bytes(h).hex(): _as_array(v) for h, v in rows}
+
+    # Published-at of messages without a timestamp (should not happen with Kafka >= 0.10).
+    @staticmethod
+    def epoch() -> datetime:
+        """The earliest time, for records without a timestamp."""
+        return datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _as_array(value: Any) -> npt.NDArray[np.float32]:
+    if isinstance(value, Vector | HalfVector):
+        return np.asarray(value.to_numpy(), dtype=np.float32)
+    return np.asarray(value, dtype=np.float32)

@@ -1,0 +1,1 @@
+"""What every stage shares: the record boundary, the settle step, and isolating a poison record."""
