@@ -34,6 +34,9 @@ __all__ = [
     "DELETE",
     "DOCUMENT",
     "EMBEDDING",
+    "MAX_DEPTH",
+    "MAX_METADATA_BYTES",
+    "MAX_VALUE_BYTES",
     "SCHEMA_HEADER",
     "VERSION_HEADER",
     "Chunk",
@@ -343,37 +346,77 @@ def encode_embedding(emb: Embedding, dtype: str = "float32") -> bytes:
 
 def _json(value: bytes) -> Any:
     try:
-        data = json.loads(value.decode("utf-8"))
+        text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidMessage(f"the value is not valid UTF-8 (byte {exc.start}).") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidMessage(f"the value is not valid JSON: {exc.msg} at {exc.pos}.") from None
-    # JSON may escape half of a surrogate pair ("\ud800") that no UTF-8 text can hold; the
-    # tokenizer and PostgreSQL would both fail on it later. Only escaped values can have one.
-    if _SURROGATE_ESCAPE.search(value):
-        _refuse_lone_surrogates(data, "")
+    except RecursionError:
+        raise InvalidMessage(
+            f"the value nests arrays or objects deeper than {MAX_DEPTH} levels.") from None
+    except ValueError:
+        # An integer literal of more digits than Python converts (4,300 by default).
+        raise InvalidMessage(
+            "the value has an integer of more than 4,300 digits, which no field can hold."
+        ) from None
+    _walk(data, has_escapes=_SURROGATE_ESCAPE.search(value) is not None)
     return data
 
+
+# Bounds every record is held to before and while it is parsed (documented in schemas/): a value
+# at most MAX_VALUE_BYTES long, containers nested at most MAX_DEPTH deep, and metadata of at most
+# MAX_METADATA_BYTES once serialized. The largest valid chunk (100,000 characters of text) fits.
+MAX_VALUE_BYTES = 2 * 1024 * 1024
+MAX_DEPTH = 16
+MAX_METADATA_BYTES = 65_536
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _refuse_lone_surrogates(data: Any, where: str) -> None:
-    if isinstance(data, str):
-        try:
-            data.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidMessage(
-                f"the value has a lone surrogate (U+{ord(data[exc.start]):04X}) at "
-                f"{where or 'the top level'}, which is not valid Unicode."
-            ) from None
-    elif isinstance(data, dict):
-        for key, item in data.items():
-            _refuse_lone_surrogates(key, f"a key of {where or 'the top level'}")
-            _refuse_lone_surrogates(item, f"{where}/{key}")
-    elif isinstance(data, list):
-        for i, item in enumerate(data):
-            _refuse_lone_surrogates(item, f"{where}/{i}")
+def _walk(data: Any, *, has_escapes: bool) -> None:
+    """Refuse containers nested deeper than MAX_DEPTH, and (only escaped values can have one)
+    half of a surrogate pair ("\\ud800"), which no UTF-8 text can hold: the tokenizer and
+    PostgreSQL would both fail on it later. Iterative: a hostile depth cannot exhaust the stack."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 1)]
+    while stack:
+        item, where, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise InvalidMessage(
+                    f"the value nests arrays or objects deeper than {MAX_DEPTH} levels "
+                    f"(at {where or 'the top level'}).")
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                if has_escapes and isinstance(key, str):
+                    _refuse_lone_surrogate(key, f"a key of {where or 'the top level'}")
+                stack.append((child, f"{where}/{key}", depth + 1))
+        elif has_escapes and isinstance(item, str):
+            _refuse_lone_surrogate(item, where)
+
+
+def _refuse_lone_surrogate(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidMessage(
+            f"the value has a lone surrogate (U+{ord(text[exc.start]):04X}) at "
+            f"{where or 'the top level'}, which is not valid Unicode."
+        ) from None
+
+
+def _check_metadata(data: Mapping[str, Any], size: int) -> None:
+    """Metadata travels with every chunk of a document: bound it. ``size`` is the record's."""
+    metadata = data.get("metadata")
+    if not metadata or size <= MAX_METADATA_BYTES:
+        return
+    encoded = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+    if encoded > MAX_METADATA_BYTES:
+        raise InvalidMessage(
+            f"the metadata is {encoded} bytes as JSON, more than the {MAX_METADATA_BYTES} a "
+            "chunk may carry (it travels with every chunk); keep large values in the document "
+            "store and reference them.")
 
 
 def _schema_of(headers: HeaderLike) -> tuple[str, int]:
@@ -408,6 +451,7 @@ def _decode_embedding(value: bytes, version: int) -> Embedding:
         )
     meta = _json(value[_LEN.size : _LEN.size + size])
     _check(EMBEDDING, version, meta)
+    _check_metadata(meta, size)
     dtype = _DTYPES[meta["dtype"]]
     body = value[_LEN.size + size :]
     if len(body) != meta["dim"] * dtype.itemsize:
@@ -434,11 +478,16 @@ def decode(value: bytes | None, headers: HeaderLike) -> Chunk | Delete | Embeddi
     if value is None:
         raise InvalidMessage("the message has no value (a tombstone is not a vecpipe message).")
     name, version = _schema_of(headers)
+    if len(value) > MAX_VALUE_BYTES:
+        raise InvalidMessage(
+            f"the value is {len(value)} bytes, more than the {MAX_VALUE_BYTES} a {name} message "
+            "may have.")
     if name == EMBEDDING:
         return _decode_embedding(value, version)
     data = _json(value)
     _check(name, version, data)
     if name == CHUNK:
+        _check_metadata(data, len(value))
         return Chunk.from_dict(data)
     if name == DELETE:
         return Delete(

@@ -25,6 +25,7 @@ from vecpipe.errors import PermanentError, TransientError
 
 __all__ = [
     "call_with_retry",
+    "is_fatal",
     "is_permanent",
     "is_transient",
     "retrying",
@@ -61,19 +62,27 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
+# SQLSTATE classes that say the deployment is wrong, not the record: 42 syntax error or access
+# rule violation (a missing table, column or function; a revoked grant), 3D and 3F a missing
+# database or schema, 28 invalid authorization, 25 invalid transaction state (a read-only
+# replica), 0A a feature the server does not support.
+_FATAL_SQL_CLASSES = ("42", "3D", "3F", "28", "25", "0A")
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """True when the deployment is broken whatever the record (a missing table, a revoked
+    grant): the worker stops instead of blaming, and dead-lettering, its input."""
+    return isinstance(exc, psycopg.Error) and (exc.sqlstate or "")[:2] in _FATAL_SQL_CLASSES
+
+
 def is_permanent(exc: BaseException) -> bool:
-    """True for failures of the record itself, which go to the dead-letter topic."""
+    """True for failures of the record itself, which go to the dead-letter topic: everything
+    that is neither transient (retried) nor fatal (stops the worker). Raised while converting
+    or storing one record, any other error is that record's fault (a value psycopg cannot adapt,
+    an integer too large for its column, a row the database refuses)."""
     if isinstance(exc, PermanentError):
         return True
-    # SQLSTATE classes 22 (data exception) and 23 (integrity constraint): the row, not the server;
-    # and 54 (program limit exceeded): a value too large for what must hold it, such as an id
-    # longer than a B-tree index row can be.
-    if isinstance(exc, psycopg.DataError | psycopg.IntegrityError):
-        return True
-    if isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("54"):
-        return True
-    # A value the client library could not convert for the server (psycopg's adaptation).
-    return isinstance(exc, UnicodeError | ValueError) and not is_transient(exc)
+    return not is_transient(exc) and not is_fatal(exc)
 
 
 def retrying(

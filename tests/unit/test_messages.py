@@ -17,6 +17,8 @@ from vecpipe.messages import (
     DELETE,
     DOCUMENT,
     EMBEDDING,
+    MAX_METADATA_BYTES,
+    MAX_VALUE_BYTES,
     SCHEMA_HEADER,
     VERSION_HEADER,
     Chunk,
@@ -361,3 +363,41 @@ def test_document_with_slash_in_tenant() -> None:
     """A tenant with '/' would break the key; the schema refuses it."""
     with pytest.raises(InvalidMessage, match="tenant_id"):
         Document.from_dict({"tenant_id": "a/b", "doc_id": "d", "content": "x", "version": 1})
+
+
+# -- the bounds every record is held to (issue: one record can only hurt itself) -----------------
+
+def _chunk_json(**changes: Any) -> bytes:
+    data = _chunk().to_dict()
+    data.update(changes)
+    return json.dumps(data).encode()
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    (b'{"tenant_id": "acme", "version": ' + b"9" * 5000 + b"}", "4,300 digits"),
+    (b'{"metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}", "deeper than 16 levels"),
+    (_chunk_json(metadata={"a": json.loads("[" * 20 + "]" * 20)}), "deeper than 16 levels"),
+    (_chunk_json(char_start=3_000_000_000), "invalid at char_start"),
+    (_chunk_json(char_end=2**63), "invalid at char_end"),
+    (_chunk_json(char_start=1e300), "invalid at char_start"),
+    (_chunk_json(metadata={f"k{i}": "v" * 100 for i in range(1000)}), "metadata is"),
+    (b" " * (MAX_VALUE_BYTES + 1), f"more than the {MAX_VALUE_BYTES}"),
+], ids=["huge-integer", "deep-nesting", "deep-metadata", "char-start-beyond-int4",
+        "char-end-beyond-int8", "integral-float", "huge-metadata", "oversized-value"])
+def test_values_past_the_bounds_are_refused_with_a_sentence(value: bytes, says: str) -> None:
+    """Integers Python will not parse, nesting past the recursion limit, integers the columns
+    cannot hold, integral floats, huge metadata and huge values: each is an InvalidMessage with
+    its reason, never another exception (which would stop the stage on every redelivery)."""
+    with pytest.raises(InvalidMessage, match=says):
+        decode(value, schema_headers(CHUNK))
+
+
+def test_the_largest_valid_chunk_fits_the_bounds() -> None:
+    """A chunk at the contract's limits (100,000 characters of text, metadata at the cap) is
+    within the value cap: the bounds refuse nothing the contract allows."""
+    text = "é" * 100_000
+    meta = {"blob": "x" * (MAX_METADATA_BYTES - 20)}
+    chunk = _chunk(text, metadata=meta, char_end=len(text))
+    value = encode_chunk(chunk)
+    assert len(value) <= MAX_VALUE_BYTES
+    assert decode(value, schema_headers(CHUNK)) == chunk

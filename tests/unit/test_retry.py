@@ -8,7 +8,7 @@ import pytest
 
 from vecpipe.config import RetryConfig
 from vecpipe.errors import DeliveryFailed, InvalidMessage, ModelOutOfMemory, PermanentError
-from vecpipe.retry import call_with_retry, is_permanent, is_transient, retrying
+from vecpipe.retry import call_with_retry, is_fatal, is_permanent, is_transient, retrying
 
 FAST = RetryConfig(attempts=4, initial_wait_s=0.001, max_wait_s=0.002)
 
@@ -50,7 +50,7 @@ def _name(exc: BaseException) -> str:
 
 
 def test_transient_sqlstates() -> None:
-    """The psycopg error classes used below carry the SQLSTATEs that faults.py lists."""
+    """The psycopg error classes used below carry the SQLSTATEs that retry.py lists."""
     assert psycopg.errors.SerializationFailure().sqlstate == "40001"
     assert psycopg.errors.DeadlockDetected().sqlstate == "40P01"
     assert psycopg.errors.ConnectionFailure().sqlstate == "08006"
@@ -82,11 +82,32 @@ def test_every_data_error_is_permanent(exc: BaseException) -> None:
     assert not is_transient(exc)
 
 
-def test_unrelated_errors_are_neither() -> None:
-    """A programming error is neither retried nor dead-lettered: it stops the worker."""
-    for exc in (KeyError("k"), RuntimeError("bug"), psycopg.errors.UndefinedTable("no table")):
-        assert not is_transient(exc)
-        assert not is_permanent(exc)
+@pytest.mark.parametrize("exc", [
+    psycopg.errors.UndefinedTable("relation chunks does not exist"),
+    psycopg.errors.UndefinedColumn("column published_at does not exist"),
+    psycopg.errors.InsufficientPrivilege("permission denied for table chunks"),
+    psycopg.errors.InvalidSchemaName("schema vecpipe does not exist"),
+    psycopg.errors.ReadOnlySqlTransaction("cannot execute INSERT in a read-only transaction"),
+    psycopg.errors.InvalidPassword("password authentication failed"),
+], ids=_name)
+def test_a_broken_deployment_is_fatal(exc: BaseException) -> None:
+    """A missing table, a revoked grant or a read-only replica is no record's fault: neither
+    retried nor dead-lettered, it stops the worker."""
+    assert is_fatal(exc)
+    assert not is_transient(exc)
+    assert not is_permanent(exc)
+
+
+@pytest.mark.parametrize("exc", [
+    KeyError("k"), RuntimeError("unexpected"), OverflowError("int too big to convert"),
+    RecursionError("maximum recursion depth exceeded"), TypeError("not JSON serializable"),
+], ids=_name)
+def test_anything_else_raised_for_a_record_is_its_fault(exc: BaseException) -> None:
+    """Whatever else converting or storing one record raises is that record's fault (the
+    writer isolates it by halving and dead-letters it alone); the dead-letter cap stops a worker
+    whose every record fails so."""
+    assert is_permanent(exc)
+    assert not is_fatal(exc)
 
 
 class Flaky:

@@ -18,7 +18,7 @@ from vecpipe.deadletter.headers import H_MESSAGE
 from vecpipe.deadletter.sender import DeadLetters
 from vecpipe.errors import DeadLetterRateExceeded, DeliveryFailed, InvalidMessage
 from vecpipe.health import Metrics
-from vecpipe.messages import header_value
+from vecpipe.messages import CHUNK, Chunk, content_hash, encode_chunk, header_value, schema_headers
 from vecpipe.stages.bisect import isolate
 from vecpipe.stages.decode import decode_batch
 from vecpipe.stages.settle import Failure, Settle
@@ -124,12 +124,17 @@ def test_settle_without_output_or_failures_does_not_flush() -> None:
     assert producer.flushes == 0
 
 
-def test_settle_feeds_the_dead_letter_guard() -> None:
-    """Three failures in a row trip max_consecutive=3: the worker must stop."""
+def test_settle_feeds_the_dead_letter_guard_before_it_sends_anything() -> None:
+    """Three failures in a row trip max_consecutive=3: the worker must stop, and it sends none
+    of the batch's dead letters (a restart would send them a second time)."""
     records: list[Any] = [FakeRecord(offset_=i) for i in range(3)]
+    producer = FakeProducer()
     with pytest.raises(DeadLetterRateExceeded):
-        _settle(FakeProducer(), Metrics("embed"))(
+        _settle(producer, Metrics("embed"))(
             records, records, [Failure(r, InvalidMessage("x")) for r in records])
+    # Nothing of the batch went out: the restarted worker meets the same records, and stops
+    # again, without a second copy of any dead letter.
+    assert producer.sent == []
 
 
 # -- decode ---------------------------------------------------------------------------------------
@@ -166,3 +171,24 @@ def test_copy_types_follow_the_vector_type() -> None:
     types = schema.copy_types(VectorConfig(column_type="halfvec"))
     assert types[schema.STAGING.index("embedding")] == "halfvec"
     assert len(types) == len(schema.STAGING)
+
+
+def test_anything_raised_while_converting_a_record_is_that_records_fault() -> None:
+    """A conversion that raises something unforeseen (a KeyError, an OverflowError) fails that
+    record alone, as an InvalidMessage naming what was raised; the next record goes on."""
+
+    def chunk_record(offset: int) -> Any:
+        c = Chunk("acme", f"d{offset}", 1, 0, 1, "text", content_hash("text"), 0, 4)
+        return FakeRecord(offset_=offset, value_=encode_chunk(c), headers_=schema_headers(CHUNK))
+
+    def convert(msg: Any, obj: Any) -> Any:
+        if msg.offset() == 1:
+            raise OverflowError("int too big to convert")
+        return obj
+
+    out = decode_batch([chunk_record(0), chunk_record(1), chunk_record(2)], convert)
+    assert [m.offset() for m, _ in out.inputs] == [0, 2]
+    [failure] = out.failures
+    assert isinstance(failure.error, InvalidMessage)
+    assert "OverflowError: int too big to convert" in str(failure.error)
+    assert isinstance(failure.error.__cause__, OverflowError)
