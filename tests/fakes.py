@@ -87,7 +87,7 @@ class FakeProducer:
     flushes: int = 0
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None = None,
-                headers: Any = None, timestamp: int | None = None) -> None:
+                headers: Any = None, timestamp: int | None = None, smaller: Any = None) -> None:
         """Keep the message as a ``Sent`` and note the call in ``events``."""
         self.sent.append(Sent(topic, value, key, list(headers or []), timestamp))
         self.events.append(f"produce {topic}")

@@ -33,7 +33,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from vecpipe.config import Config
 from vecpipe.deadletter.headers import DeadLetter, replay_headers
-from vecpipe.deadletter.select import Decision, Filters, decide
+from vecpipe.deadletter.select import Decision, Filters, decide, source_topic
 from vecpipe.errors import ReplayError
 from vecpipe.kafka.admin import admin_client, committed_offsets, topic_partitions, watermarks
 from vecpipe.kafka.consumer import StopFlag
@@ -86,6 +86,8 @@ class ReplaySummary:
     skipped_filter: int = 0
     skipped_max_replays: int = 0
     skipped_no_origin: int = 0
+    skipped_truncated: int = 0
+    skipped_erased: int = 0
     # end: reached the watermarks taken at start; limit: --limit; stopped: SIGINT/SIGTERM;
     # nothing_left: the group had already passed every record; halted: see ``halt_reason``.
     ended: str = "end"
@@ -105,6 +107,10 @@ class ReplaySummary:
         elif decision is Decision.SKIP_MAX_REPLAYS:
             self.skipped_max_replays += 1
             self.skipped_max_by_class[dead.error_class or "?"] += 1
+        elif decision is Decision.SKIP_TRUNCATED:
+            self.skipped_truncated += 1
+        elif decision is Decision.SKIP_ERASED:
+            self.skipped_erased += 1
         else:
             self.skipped_no_origin += 1
 
@@ -116,7 +122,9 @@ class ReplaySummary:
             "replayed": self.replayed,
             "skipped_by_filter": self.skipped_filter,
             "skipped_max_replays": self.skipped_max_replays,
-            "skipped_no_origin": self.skipped_no_origin, "max_replays": self.max_replays,
+            "skipped_no_origin": self.skipped_no_origin,
+            "skipped_truncated": self.skipped_truncated,
+            "skipped_erased": self.skipped_erased, "max_replays": self.max_replays,
             "by_error_class": dict(self.by_class),
             "skipped_max_replays_by_error_class": dict(self.skipped_max_by_class),
             "targets": dict(self.targets),
@@ -265,7 +273,8 @@ def _dry_run(consumer: Consumer, cfg: Config, topic: str, opts: ReplayOptions,
     now_ms = int(time.time() * 1000)
     for msg in read_range(consumer, topic, starts, ends, stop=stop):
         dead = DeadLetter.of(msg)
-        decision, target = decide(dead, opts.filters, cfg.dead_letter.max_replays, opts.to)
+        decision, target = decide(dead, opts.filters, cfg.dead_letter.max_replays, opts.to,
+                                  source_topic(topic, cfg.kafka.dlq_suffix))
         problem = targets.problem(dead, target, now_ms) if target is not None else None
         if problem is not None:
             summary.ended, summary.halt_reason = "halted", problem
@@ -333,6 +342,7 @@ class _Replayer:
         self.log = log
         self.assigned: set[int] = set()
         self.done = {p for p in selected if starts[p] >= ends[p]}
+        self.source = source_topic(topic, cfg.kafka.dlq_suffix)
         self.producer = DurableProducer(cfg.kafka)
         self.pacer = _Pacer(opts.rate, stop)
         self.batch_size = max(1, min(500, int(opts.rate))) if opts.rate else 500
@@ -418,7 +428,7 @@ class _Replayer:
                 break
             dead = DeadLetter.of(msg)
             decision, target = decide(dead, self.opts.filters, self.cfg.dead_letter.max_replays,
-                                      self.opts.to)
+                                      self.opts.to, self.source)
             if target is not None:
                 halt = self.targets.problem(dead, target, int(time.time() * 1000))
                 if halt is not None:

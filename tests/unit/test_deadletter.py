@@ -18,14 +18,19 @@ from vecpipe.deadletter.headers import (
     H_FIRST_FAILED,
     H_MESSAGE,
     H_OFFSET,
+    H_ORIGINAL_BYTES,
     H_PARTITION,
     H_REPLAYS,
     H_STACK,
     H_STAGE,
     H_TOPIC,
+    H_TRUNCATED,
     H_WORKER,
+    DeadLetter,
+    fit,
+    record_size,
 )
-from vecpipe.deadletter.sender import DeadLetters
+from vecpipe.deadletter.sender import FALLBACK_BYTES, MAX_DEAD_LETTER_BYTES, DeadLetters
 from vecpipe.errors import DeadLetterRateExceeded, InvalidMessage
 from vecpipe.messages import load_schema
 
@@ -144,6 +149,45 @@ def test_long_stack_and_message_are_capped() -> None:
     stack = dict(producer.sent[0].headers)[H_STACK]
     assert len(stack) <= 8000
     assert dict(producer.sent[0].headers)[H_MESSAGE] == b"x" * 2000 + b"... (20000 characters)"
+
+
+def test_a_dead_letter_larger_than_its_topic_is_cut_to_fit_and_says_so() -> None:
+    """A record bigger than the dead-letter topics take (a 12 MB chunk that came compressed) is
+    sent with its value cut to fit, the error headers intact, and the cut and the original size
+    in headers of its own: the send can never be refused for the record."""
+    producer = FakeProducer()
+    big = FakeRecord(value_=b"x" * 12_000_000)
+    _dead_letters(producer).send(big, _raised(InvalidMessage("too large")))
+    [sent] = producer.sent
+    size = record_size(sent.key, sent.value, sent.headers)
+    assert size <= MAX_DEAD_LETTER_BYTES
+    headers = dict(sent.headers)
+    assert headers[H_TRUNCATED] == b"value"
+    assert int(headers[H_ORIGINAL_BYTES]) > 12_000_000
+    assert headers[H_MESSAGE] == b"too large"
+    assert sent.value is not None and sent.value == b"x" * len(sent.value)
+    assert DeadLetter.of(producer.records()[0]).truncated == "value"
+
+
+def test_fit_drops_the_records_own_headers_then_cuts_the_key_when_it_must() -> None:
+    """Huge headers of the record go after the value; an absurd key is cut last."""
+    errors = [(H_MESSAGE, b"why")]
+    own = [("big", b"h" * 5000)]
+    key, value, headers = fit(b"k" * 100, b"v" * 100, [*own, *errors], 2000)
+    assert record_size(key, value, headers) <= 2000
+    assert dict(headers)[H_TRUNCATED] == b"value,headers" and "big" not in dict(headers)
+    key, value, headers = fit(b"k" * 5000, b"", errors, 1000)
+    assert record_size(key, value, headers) <= 1000
+    assert dict(headers)[H_TRUNCATED] == b"key"
+    assert fit(b"k", b"v", errors, 10_000) == (b"k", b"v", errors)
+
+
+def test_the_fallback_fits_the_brokers_default_limit() -> None:
+    """The smaller form, sent if a dead-letter topic made elsewhere refuses the first one, fits
+    under the broker's default max.message.bytes of 1 MiB."""
+    whole = (b"key", b"x" * 3_000_000, [(H_MESSAGE, b"why")])
+    key, value, headers = fit(*whole, FALLBACK_BYTES)
+    assert record_size(key, value, headers) <= FALLBACK_BYTES < 1_048_576
 
 
 # -- the guard -----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from vecpipe.deadletter.headers import (
     H_FIRST_FAILED,
     H_REPLAYS,
     H_TOPIC,
+    H_TRUNCATED,
     DeadLetter,
     replay_headers,
 )
@@ -33,6 +34,7 @@ from vecpipe.deadletter.select import (
     format_age,
     parse_key_pattern,
     parse_offsets,
+    source_topic,
 )
 from vecpipe.deadletter.sender import DeadLetters
 from vecpipe.errors import CommandError
@@ -80,8 +82,10 @@ def test_record_without_error_headers_reads_as_empty_values() -> None:
     dead = DeadLetter.of(chunk_record(headers_=[(H_REPLAYS, b"x")], timestamp_=(0, -1)))
     assert (dead.original_topic, dead.error_class, dead.replays) == (None, "", 0)
     assert dead.failed_at is None and dead.age(NOW) is None
-    assert decide(dead, Filters(), 3, None) == (Decision.SKIP_NO_ORIGIN, None)
-    assert decide(dead, Filters(), 3, "elsewhere") == (Decision.REPLAY, "elsewhere")
+    assert decide(dead, Filters(), 3, None, None) == (Decision.SKIP_NO_ORIGIN, None)
+    assert decide(dead, Filters(), 3, "elsewhere", None) == (Decision.REPLAY, "elsewhere")
+    assert decide(dead, Filters(), 3, None, "vecpipe.chunks") == (Decision.REPLAY,
+                                                                   "vecpipe.chunks")
 
 
 def test_replay_headers_keep_originals_and_first_failure_and_count_one_more() -> None:
@@ -178,12 +182,40 @@ def test_filters_combine_and_each_one_excludes() -> None:
 
 
 def test_decide_stops_loops_at_max_replays() -> None:
-    """A record replayed max_replays times stays put; --to overrides the original topic."""
+    """A record replayed max_replays times stays put; --to overrides the source topic."""
     dead = DeadLetter.of(chunk_record(headers_=[(H_TOPIC, b"vecpipe.chunks"), (H_REPLAYS, b"2")]))
-    assert decide(dead, Filters(), 3, None) == (Decision.REPLAY, "vecpipe.chunks")
-    assert decide(dead, Filters(), 3, "scratch") == (Decision.REPLAY, "scratch")
-    assert decide(dead, Filters(), 2, None) == (Decision.SKIP_MAX_REPLAYS, None)
-    assert decide(dead, Filters(error_class="nope"), 2, None) == (Decision.SKIP_FILTER, None)
+    src = source_topic("vecpipe.chunks.dlq", ".dlq")
+    assert decide(dead, Filters(), 3, None, src) == (Decision.REPLAY, "vecpipe.chunks")
+    assert decide(dead, Filters(), 3, "scratch", src) == (Decision.REPLAY, "scratch")
+    assert decide(dead, Filters(), 2, None, src) == (Decision.SKIP_MAX_REPLAYS, None)
+    assert decide(dead, Filters(error_class="nope"), 2, None, src) == (Decision.SKIP_FILTER,
+                                                                        None)
+
+
+def test_a_record_does_not_choose_where_it_is_replayed() -> None:
+    """The target is the dead-letter topic's source, whatever topic the record's own headers
+    name (a hostile or buggy producer could name any topic)."""
+    dead = DeadLetter.of(chunk_record(headers_=[(H_TOPIC, b"payments.ledger")]))
+    assert decide(dead, Filters(), 3, None, source_topic("vecpipe.chunks.dlq", ".dlq")) == (
+        Decision.REPLAY, "vecpipe.chunks")
+    assert source_topic("odd-name", ".dlq") is None
+    assert source_topic(".dlq", ".dlq") is None
+
+
+def test_a_negative_replay_count_counts_as_zero() -> None:
+    """A replay count below zero in the headers cannot buy a record more replays than
+    max_replays allows."""
+    dead = DeadLetter.of(chunk_record(headers_=[(H_REPLAYS, b"-1000")]))
+    assert dead.replays == 0
+    again = DeadLetter.of(chunk_record(headers_=[(H_REPLAYS, b"3")]))
+    assert decide(again, Filters(), 3, None, "vecpipe.chunks")[0] is Decision.SKIP_MAX_REPLAYS
+
+
+def test_a_truncated_dead_letter_is_never_replayed() -> None:
+    """A dead letter cut to fit its topic would publish a broken record: replay skips it."""
+    dead = DeadLetter.of(chunk_record(headers_=[(H_TRUNCATED, b"value")]))
+    assert dead.truncated == "value"
+    assert decide(dead, Filters(), 3, None, "vecpipe.chunks") == (Decision.SKIP_TRUNCATED, None)
 
 
 def test_format_age() -> None:
@@ -208,6 +240,17 @@ def test_inspect_row_table_and_json() -> None:
     assert (obj["original_topic"], obj["original_partition"], obj["original_offset"]) == (
         "vecpipe.chunks", 2, 41)
     assert (obj["attempts"], obj["replays"], obj["age_s"]) == (1, 0, 180.0)
+
+
+def test_control_characters_in_keys_and_errors_cannot_reach_the_terminal() -> None:
+    """A key or an error message holding escape sequences, a bell or a right-to-left override
+    is shown with those characters escaped: inspect output cannot rewrite the screen."""
+    hostile = "a/\x1b[2J\u202ex\x9b"
+    dead = dead_letter_of(chunk_record(key_=hostile.encode()), ValueError("bad \x1b]0;owned\x07"))
+    line = render_row(dead, NOW)
+    assert not any(ch in line for ch in "\x1b\x07\u202e\x9b")
+    assert "\\x1b[2J" in line and "\\u202e" in line
+    assert json.loads(render_row(dead, NOW, as_json=True))["key"] == hostile
 
 
 def test_inspect_summary_counts_by_error_class() -> None:

@@ -93,3 +93,28 @@ def test_a_message_without_timestamp_keeps_its_first_one_when_sent_again() -> No
     first, again = fake.sent
     assert first.timestamp()[1] > 0 and again.timestamp() == first.timestamp()
     assert [c is None for c in calls] == [False, True]  # the caller hears of both outcomes
+
+
+def test_a_refused_message_with_a_smaller_form_is_sent_smaller_instead() -> None:
+    """A dead letter the broker refuses as too large goes again in its smaller form: the flush
+    says it must be flushed again (transient), never that it was refused for good."""
+    p, fake = producer({b"huge": KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)})
+    p.produce("orders.dlq", b"huge", key=b"k", headers=[("h", b"1")],
+              smaller=lambda: (b"k", b"hu", [("h", b"1"), ("cut", b"value")]))
+    with pytest.raises(DeliveryFailed):
+        p.flush()
+    p.flush()
+    assert [m.value() for m in fake.sent] == [b"huge", b"hu"]
+    assert fake.sent[1].headers() == [("h", b"1"), ("cut", b"value")]
+
+
+def test_the_client_refusing_a_message_as_too_large_sends_the_smaller_form() -> None:
+    """librdkafka itself refuses, in produce(), a message over its message.max.bytes: the
+    smaller form is queued instead, and without one the refusal is a sentence."""
+    real = DurableProducer(KafkaConfig(bootstrap="127.0.0.1:1"),
+                           **{"message.max.bytes": 10_000, "log_level": 0})
+    real.produce("t.dlq", b"x" * 50_000, key=b"k",
+                 smaller=lambda: (b"k", b"x" * 100, [("cut", b"value")]))
+    assert real.pending() == 1
+    with pytest.raises(DeliveryRefused, match="50000 bytes"):
+        real.produce("t.dlq", b"x" * 50_000, key=b"k")

@@ -227,6 +227,7 @@ _ENDED = {
 
 def _record_line(dead: DeadLetter, decision: Decision, target: str | None, dry_run: bool,
                  as_json: bool) -> str:
+    from vecpipe.deadletter.inspect import printable
     from vecpipe.deadletter.select import Decision, format_age
 
     if as_json:
@@ -237,14 +238,16 @@ def _record_line(dead: DeadLetter, decision: Decision, target: str | None, dry_r
         }, ensure_ascii=False)
     where = f"{dead.partition}:{dead.offset}"
     age = format_age(dead.age(datetime.now(UTC)))
-    about = f"{dead.short_class}  key={dead.key_text}  age={age}"
+    about = printable(f"{dead.short_class}  key={dead.key_text}  age={age}")
     if decision is Decision.REPLAY:
         verb = "would replay" if dry_run else "replayed"
         return (f"{verb:<12} {where:<10} -> {target}  replays {dead.replays}->"
                 f"{dead.replays + 1}  {about}")
-    if decision is Decision.SKIP_MAX_REPLAYS:
-        return f"{'skip':<12} {where:<10} already replayed {dead.replays} time(s)  {about}"
-    return f"{'skip':<12} {where:<10} no original topic header; use --to  {about}"
+    why = {Decision.SKIP_MAX_REPLAYS: f"already replayed {dead.replays} time(s)",
+           Decision.SKIP_TRUNCATED: f"cut to fit the dead-letter topic ({dead.truncated})",
+           Decision.SKIP_ERASED: "erased by a later delete",
+           }.get(decision, "no original topic; use --to")
+    return f"{'skip':<12} {where:<10} {why}  {about}"
 
 
 def render_replay_summary(s: ReplaySummary) -> list[str]:
@@ -263,6 +266,9 @@ def render_replay_summary(s: ReplaySummary) -> list[str]:
          else ""),
         ("skipped, no original topic", s.skipped_no_origin,
          "replay them with --to TOPIC" if s.skipped_no_origin else ""),
+        ("skipped, cut to fit the topic", s.skipped_truncated,
+         "their originals are on the source topic" if s.skipped_truncated else ""),
+        ("skipped, erased by a later delete", s.skipped_erased, ""),
     ]
     for label, n, note in rows:
         lines.append(f"  {label:<36}{n:>8}  {note}".rstrip())

@@ -23,15 +23,19 @@ __all__ = [
     "H_FIRST_FAILED",
     "H_MESSAGE",
     "H_OFFSET",
+    "H_ORIGINAL_BYTES",
     "H_PARTITION",
     "H_REPLAYS",
     "H_STACK",
     "H_STAGE",
     "H_TOPIC",
+    "H_TRUNCATED",
     "H_WORKER",
     "DeadLetter",
     "RecordLike",
     "error_headers",
+    "fit",
+    "record_size",
     "replay_headers",
 ]
 
@@ -46,6 +50,10 @@ H_WORKER = "vecpipe.errors.worker"
 H_ATTEMPTS = "vecpipe.errors.attempts"
 H_FIRST_FAILED = "vecpipe.errors.first.failed.at"
 H_REPLAYS = "vecpipe.replay.count"
+# A dead letter larger than its topic takes is cut to fit, and says so: what was cut ("value",
+# "value,headers", "value,headers,key") and the record's size before.
+H_TRUNCATED = "vecpipe.errors.truncated"
+H_ORIGINAL_BYTES = "vecpipe.errors.original.bytes"
 ERROR_PREFIXES = ("__connect.errors.", "vecpipe.errors.")
 _MAX_STACK = 8000
 # An error message quoting its input (a database error echoing a 5 MB value) is cut to this.
@@ -90,6 +98,45 @@ def error_headers(record: RecordLike, exc: BaseException, *, stage: str, worker:
         (H_ATTEMPTS, str(attempts).encode()),
         (H_FIRST_FAILED, first_failed),
     ]
+
+
+# What Kafka adds around a record's key, value and each header (varints, attributes): generous.
+_RECORD_OVERHEAD = 128
+_HEADER_OVERHEAD = 16
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """An upper bound of what a record takes against a topic's max.message.bytes."""
+    return (_RECORD_OVERHEAD + len(key or b"") + len(value or b"")
+            + sum(len(k.encode()) + len(v) + _HEADER_OVERHEAD for k, v in headers))
+
+
+def fit(key: bytes | None, value: bytes | None, headers: Headers,
+        limit: int) -> tuple[bytes | None, bytes | None, Headers]:
+    """The dead letter ``(key, value, headers)`` within ``limit`` bytes, so that it can always
+    be sent: the value is cut first, then the record's own headers go, then the key is cut; the
+    error headers stay. What was cut is said in H_TRUNCATED, the size before in
+    H_ORIGINAL_BYTES. A record within the limit comes back as it is."""
+    original = record_size(key, value, headers)
+    if original <= limit:
+        return key, value, headers
+    cut: list[str] = []
+    own = [(k, v) for k, v in headers if not k.startswith(ERROR_PREFIXES)]
+    errors = [(k, v) for k, v in headers if k.startswith(ERROR_PREFIXES)]
+    note = [(H_TRUNCATED, b"value,headers,key"), (H_ORIGINAL_BYTES, str(original).encode())]
+    room = limit - record_size(key, b"", [*own, *errors, *note])
+    if room < 0 and own:
+        cut.append("headers")
+        own = []
+        room = limit - record_size(key, b"", [*errors, *note])
+    if value:
+        cut.insert(0, "value")
+        value = value[: max(room, 0)]
+    if room < 0 and key:
+        cut.append("key")
+        key = key[: max(0, len(key) + room)]
+    marks = [(H_TRUNCATED, ",".join(cut).encode()), (H_ORIGINAL_BYTES, str(original).encode())]
+    return key, value, [*own, *errors, *marks]
 
 
 # Kafka's timestamp type for a record without one (confluent_kafka.TIMESTAMP_NOT_AVAILABLE).
@@ -146,6 +193,7 @@ class DeadLetter:
     attempts: int
     replays: int
     first_failed_at: datetime | None
+    truncated: str = ""
 
     @classmethod
     def of(cls, record: RecordLike) -> DeadLetter:
@@ -168,8 +216,10 @@ class DeadLetter:
             stage=_last(headers, H_STAGE) or "",
             worker=_last(headers, H_WORKER) or "",
             attempts=_int(_last(headers, H_ATTEMPTS), 0) or 0,
-            replays=_int(_last(headers, H_REPLAYS), 0) or 0,
+            # A count below zero would let a record past max_replays: it counts as zero.
+            replays=max(0, _int(_last(headers, H_REPLAYS), 0) or 0),
             first_failed_at=_time(_last(headers, H_FIRST_FAILED)),
+            truncated=_last(headers, H_TRUNCATED) or "",
         )
 
     @property

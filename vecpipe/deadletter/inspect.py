@@ -19,7 +19,14 @@ from vecpipe.deadletter.select import Filters, format_age
 from vecpipe.kafka.admin import topic_partitions, watermarks
 from vecpipe.kafka.reader import StopLike, read_range, reader
 
-__all__ = ["InspectSummary", "inspect", "render_row", "render_summary", "table_header"]
+__all__ = [
+    "InspectSummary",
+    "inspect",
+    "printable",
+    "render_row",
+    "render_summary",
+    "table_header",
+]
 
 
 @dataclass
@@ -78,8 +85,15 @@ _COLUMNS = (("DLQ P:OFFSET", 12), ("AGE", 6), ("STAGE", 5), ("ERROR CLASS", 20),
             ("ORIGIN TOPIC[P]@OFFSET", 30), ("TRIES", 5), ("REPLAYS", 7), ("KEY", 24))
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: whitespace runs folded to one space, and every control or
+    format character (an escape sequence, a bell, a right-to-left override) shown as its escape,
+    so that a key or an error message cannot rewrite the operator's screen."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in " ".join(text.split()))
+
+
 def _cut(text: str, width: int) -> str:
-    text = " ".join(text.split())
+    text = printable(text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "format_age",
     "parse_key_pattern",
     "parse_offsets",
+    "source_topic",
 ]
 
 # -- filters -------------------------------------------------------------------------------
@@ -119,20 +120,36 @@ class Decision(enum.Enum):
     SKIP_FILTER = "skipped_by_filter"
     SKIP_MAX_REPLAYS = "skipped_max_replays"
     SKIP_NO_ORIGIN = "skipped_no_origin"
+    SKIP_TRUNCATED = "skipped_truncated"
+    SKIP_ERASED = "skipped_erased"
 
 
-def decide(dead: DeadLetter, filters: Filters, max_replays: int,
-           to: str | None) -> tuple[Decision, str | None]:
-    """The decision for ``dead`` and, when it is replayed, the topic it goes to.
+def source_topic(dlq_topic: str, suffix: str) -> str | None:
+    """The topic a dead-letter topic belongs to (``vecpipe.chunks`` for ``vecpipe.chunks.dlq``),
+    or None when its name does not say."""
+    if suffix and dlq_topic.endswith(suffix) and len(dlq_topic) > len(suffix):
+        return dlq_topic[: -len(suffix)]
+    return None
+
+
+def decide(dead: DeadLetter, filters: Filters, max_replays: int, to: str | None,
+           source: str | None) -> tuple[Decision, str | None]:
+    """The decision for ``dead`` and, when it is replayed, the topic it goes to: ``to`` (the
+    operator's ``--to``), else ``source``, the topic the dead-letter topic belongs to. Never the
+    topic a record's own headers name: a record does not choose where it is sent.
 
     A record already replayed ``max_replays`` times stays on the dead-letter topic: replaying it
     again would only loop it through the same failure.
     """
     if not filters.matches(dead):
         return Decision.SKIP_FILTER, None
+    if dead.truncated:
+        # Cut to fit its dead-letter topic: sending it on would publish a broken record. The
+        # original is still on its source topic (partition and offset in the headers).
+        return Decision.SKIP_TRUNCATED, None
     if dead.replays >= max_replays:
         return Decision.SKIP_MAX_REPLAYS, None
-    target = to or dead.original_topic
+    target = to or source
     if not target:
         return Decision.SKIP_NO_ORIGIN, None
     return Decision.REPLAY, target

@@ -6,6 +6,8 @@ message since the last flush was not acknowledged: :class:`DeliveryFailed` (tran
 queueing the unacknowledged messages again, so that calling :meth:`flush` again retries those and
 only those (retrying a whole batch would duplicate what was delivered), or
 :class:`DeliveryRefused` when the broker refused a message for good (too large, not authorized).
+A message sent with ``smaller`` (a dead letter) is never refused that way: when the broker or the
+client refuses it, the smaller form ``smaller`` gives is sent instead.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from confluent_kafka import (
@@ -38,6 +40,14 @@ _REFUSALS = frozenset({
 })
 
 
+# Refusals of a message's size, which a smaller form of it may pass.
+_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE,
+                        KafkaError.RECORD_LIST_TOO_LARGE})
+
+# Gives the smaller (truncated) key, value and headers of a message refused as too large.
+Shrink = Callable[[], tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]
+
+
 @dataclass(frozen=True)
 class _Record:
     """What was produced, kept until acknowledged: a failed delivery report carries neither the
@@ -49,6 +59,13 @@ class _Record:
     headers: list[tuple[str, str | bytes | None]]
     timestamp: int
     on_delivery: Callable[[KafkaError | None, Message], None] | None
+    smaller: Shrink | None = None
+
+    def shrunk(self) -> _Record:
+        """The smaller form of a refused message (which has none of its own)."""
+        assert self.smaller is not None
+        key, value, headers = self.smaller()
+        return replace(self, key=key, value=value, headers=list(headers), smaller=None)
 
 
 class DurableProducer:
@@ -68,16 +85,18 @@ class DurableProducer:
         headers: HeaderLike = None,
         timestamp: int | None = None,
         on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
+        smaller: Shrink | None = None,
     ) -> None:
         """Queue one message; when the local queue is full, serve callbacks until there is room.
 
         Without ``timestamp`` the message gets the time of this call (Kafka's CreateTime), and
-        keeps it if it has to be sent again.
+        keeps it if it has to be sent again. With ``smaller``, a refusal of the message for its
+        size sends what ``smaller`` returns instead.
         """
         if timestamp is None or timestamp <= 0:
             timestamp = int(time.time() * 1000)
         kept: list[tuple[str, str | bytes | None]] = list(header_list(headers))
-        self._send(_Record(topic, value, key, kept, timestamp, on_delivery))
+        self._send(_Record(topic, value, key, kept, timestamp, on_delivery, smaller))
 
     def _send(self, record: _Record) -> None:
         def callback(err: KafkaError | None, msg: Message) -> None:
@@ -101,6 +120,9 @@ class DurableProducer:
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
                 if isinstance(err, KafkaError) and err.code() in _REFUSALS:
+                    if err.code() in _TOO_LARGE and record.smaller is not None:
+                        record = record.shrunk()
+                        continue
                     raise DeliveryRefused(
                         f"the producer refused a message of {len(record.value or b'')} bytes to "
                         f"topic {record.topic!r}: {err.str()}; see message.max.bytes "
@@ -129,7 +151,9 @@ class DurableProducer:
             failed, self._failed = self._failed, []
         refused: list[tuple[KafkaError, _Record]] = []
         for err, record in failed:
-            if err.code() in _REFUSALS or err.fatal():
+            if err.code() in _TOO_LARGE and record.smaller is not None:
+                self._send(record.shrunk())  # counted below as failed: the caller flushes again
+            elif err.code() in _REFUSALS or err.fatal():
                 refused.append((err, record))
             else:
                 self._send(record)
