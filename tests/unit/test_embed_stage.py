@@ -469,12 +469,12 @@ def test_halfvec_columns_get_float16_on_the_wire() -> None:
     assert len(value) - 4 - int.from_bytes(value[:4], "big") == 2 * DIM
 
 
-def test_a_batch_of_poison_trips_the_guard() -> None:
-    """Too many dead letters in a row stop the worker after the batch is produced."""
+def test_a_batch_of_poison_trips_the_guard_before_sending_its_dead_letters() -> None:
+    """Too many dead letters in a row stop the worker, and none of the batch's dead letters is
+    sent: the restarted worker meets the same batch and never sends a second copy."""
     feed = Feed()
     cfg = replace(CFG, dead_letter=replace(CFG.dead_letter, max_consecutive=3))
     s = stage(cfg=cfg)
     with pytest.raises(DeadLetterRateExceeded):
         s.run([feed.raw(b"{") for _ in range(3)])
-    assert len(s.dead()) == 3
-    assert s.producer.events[-1] == "flush"
+    assert s.dead() == []

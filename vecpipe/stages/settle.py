@@ -1,15 +1,16 @@
 """What every stage does after its own step, written once: dead letters, flush, guard, metrics.
 
-A stage hands over the records it finished and the failures among them. Settling sends each
-failure to its dead-letter topic, waits until the broker acknowledged everything the stage
-produced (its output and the dead letters, retrying a transient failure, and counting it),
-feeds the dead-letter rate guard, and counts outcomes. Only then are the records returned to the
+A stage hands over the records it finished and the failures among them. Settling feeds the
+dead-letter rate guard (which stops a worker whose input mostly fails, before it sends any of
+the batch's dead letters), sends each failure to its dead-letter topic, waits until the broker
+acknowledged everything the stage produced (its output and the dead letters, retrying a
+transient failure, and counting it), and counts outcomes. Only then are the records returned to the
 consumer loop, which stores their offsets: a crash before that redoes the batch, never loses it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,24 +64,28 @@ class Settle:
         self.log = log
 
     def __call__(self, batch: Sequence[Message], done: list[Message],
-                 failures: Sequence[Failure], *, produced: bool = True) -> list[Message]:
+                 failures: Sequence[Failure], *, produced: bool = True,
+                 progress: Callable[[], None] = lambda: None) -> list[Message]:
         """Settle ``done`` (records of ``batch`` the stage finished; the rest were dropped with
         their revoked partitions), of which ``failures`` go to the dead-letter topics.
 
         ``produced``: the stage queued output of its own, which the flush must wait for too.
         """
+        failed = {id(f.msg) for f in failures}
+        # The guard first: a batch that trips it sends none of its dead letters, so a worker
+        # that stops there and restarts on the same records never sends them twice.
+        for msg in done:
+            self.guard.record(id(msg) in failed)
         for f in failures:
             self.dead_letters.send(f.msg, f.error)
             self.log.warning("dead_lettered", partition=f.msg.partition(),
                              offset=f.msg.offset(), error_class=type(f.error).__name__,
                              error=str(f.error))
+        progress()
         if produced or failures:
             # A failed flush queues what was not acknowledged again: a retry resends only that.
             call_with_retry(self.retry, self.producer.flush,
                             on_retry=retry_counter(self.metrics, self.log, "produce"))
-        failed = {id(f.msg) for f in failures}
-        for msg in done:
-            self.guard.record(id(msg) in failed)
         dead = sum(1 for msg in done if id(msg) in failed)
         self.metrics.count("ok", len(done) - dead)
         self.metrics.count("dead_letter", dead)
