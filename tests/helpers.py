@@ -94,3 +94,60 @@ def read_topic(cfg: Any, topic: str, timeout: float = 10.0) -> list[Any]:
     finally:
         consumer.close()
     return out
+
+
+class BlackHoleProxy:
+    """A TCP relay to ``target`` that can turn into a black hole: with :meth:`black_hole` it
+    keeps every connection open but stops relaying, as a network that swallows packets does;
+    :meth:`restore` relays again for new connections."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self._open = threading.Event()
+        self._open.set()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def black_hole(self) -> None:
+        """Stop relaying; connections stay open and silent."""
+        self._open.clear()
+
+    def restore(self) -> None:
+        """Relay again (new connections; the silent ones stay dead)."""
+        self._open.set()
+
+    def close(self) -> None:
+        """Stop accepting connections."""
+        self._closed = True
+        self.listener.close()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any) -> None:
+        generation = self._open.is_set()
+        try:
+            while generation and self._open.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not self._open.is_set():
+                    # Swallowed: the black hole holds this connection forever.
+                    self._open.wait()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass

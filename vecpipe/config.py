@@ -48,6 +48,7 @@ __all__ = [
     "default_model_path",
     "env_var_names",
     "load_config",
+    "redact_text",
     "redact_url",
     "validate",
     "with_section",
@@ -83,13 +84,15 @@ def default_model_path() -> str:
         return DEFAULT_MODEL_ID
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its password masked, for messages and logs.
+_PASSWORD_PAIR = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)")
+_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://\S+")
 
-    A URL's ``user:password@`` and its query string's ``password=`` are masked, and so is the
-    ``password=`` of a key=value connection string.
-    """
-    masked = re.sub(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", r"\1***", url)
+
+def redact_url(url: str) -> str:
+    """``url`` with its password masked, for messages and logs: a URL's ``user:password@`` (the
+    password may hold ``@`` or ``:``), its query string's ``password=``, and the ``password=`` of
+    a key=value connection string. A small parser of our own, so that no client library loads."""
+    masked = _PASSWORD_PAIR.sub(r"\1***", url)
     try:
         parts = urlsplit(masked)
     except ValueError:
@@ -99,6 +102,12 @@ def redact_url(url: str) -> str:
     user = parts.username or ""
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def redact_text(text: str) -> str:
+    """``text`` (a log line, an error message) with the password of every URL or connection
+    string in it masked."""
+    return _PASSWORD_PAIR.sub(r"\1***", _URL.sub(lambda m: redact_url(m.group(0)), text))
 
 
 # -- declaring settings -------------------------------------------------------------------------
@@ -191,6 +200,24 @@ def _ratio(value: Any, section: Any) -> str | None:
     return None if 0 < value <= 1 else f"must be in (0, 1], got {value}."
 
 
+# Pass-through librdkafka settings that would switch a guarantee off, and why.
+_GUARANTEES: dict[str, tuple[tuple[str, ...], str]] = {
+    "enable.auto.offset.store": (("false",), "offsets would be stored before their records are "
+                                             "durable downstream (vecpipe stores them itself)"),
+    "enable.idempotence": (("true",), "a retried produce could write a message twice"),
+    "acks": (("all", "-1"), "a message could be acknowledged before it is replicated"),
+}
+
+
+def _client_keeps_guarantees(value: Any, section: Any) -> str | None:
+    for key, (allowed, why) in _GUARANTEES.items():
+        given = str(value.get(key, allowed[0])).strip().lower()
+        if given not in allowed:
+            return (f"sets {key}={given}, but {why}; remove it (vecpipe sets "
+                    f"{key}={allowed[0]} itself).")
+    return None
+
+
 def _port(value: Any, section: Any) -> str | None:
     return None if 0 <= value <= 65535 else f"{value} is no port."
 
@@ -213,7 +240,7 @@ class KafkaConfig:
     dlq_retention_ms: int = setting(-1)
     embed_group: str = setting("vecpipe-embed")
     write_group: str = setting("vecpipe-write")
-    client: Mapping[str, str] = field(default_factory=dict)
+    client: Mapping[str, str] = setting(MISSING, _client_keeps_guarantees, factory=dict)
 
     def dlq_topic(self, topic: str) -> str:
         """Name of the dead-letter topic that belongs to ``topic``."""
@@ -231,6 +258,10 @@ class DatabaseConfig:
     pool_max: int = setting(4, at_least(lambda s: max(1, s.pool_min)))
     statement_timeout_ms: int = setting(60_000, at_least(0))
     connect_timeout_s: int = setting(10, at_least(1))
+    # Client-side limits: a silent peer is found within network_timeout_s (TCP keepalives and
+    # tcp_user_timeout), and a call (a whole merge transaction) is cut after call_timeout_s.
+    network_timeout_s: int = setting(30, at_least(1))
+    call_timeout_s: float = setting(90.0, at_least(1))
     app_role: str = setting("vecpipe_app", _IDENTIFIER)
     maintenance_work_mem: str = setting("1GB")
     max_parallel_maintenance_workers: int = setting(2, at_least(0))
@@ -287,6 +318,9 @@ class EmbedConfig:
     encode_batch_size: int = setting(64, at_least(1))
     batch_tokens: int = setting(65536, at_least(1))
     batch_wait_ms: int = setting(200, at_least(0))
+    # Keys and values a batch may hold, whatever their number: with the next batch filling and
+    # librdkafka's prefetch, memory stays bounded even by records at the size caps.
+    batch_bytes: int = setting(16 * 1024 * 1024, at_least(1024 * 1024))
     # Reuse vectors already stored for the same content and model instead of running the model.
     reuse_vectors: bool = setting(True)
 
@@ -297,6 +331,7 @@ class WriteConfig:
 
     batch_size: int = setting(1000, at_least(1))
     batch_wait_ms: int = setting(250, at_least(0))
+    batch_bytes: int = setting(64 * 1024 * 1024, at_least(1024 * 1024))
 
 
 @dataclass(frozen=True)
@@ -338,6 +373,9 @@ class OpsConfig:
     worker_id: str = setting(env="VECPIPE_WORKER_ID",
                              factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     shutdown_grace_s: float = setting(30.0, at_least(0))
+    # /healthz turns 503 when the loop, or the batch under way, makes no progress for this long
+    # (at least four grace periods): one stuck call must not hold partitions forever.
+    stall_after_s: float = setting(120.0, at_least(1))
     home: str = setting(str(Path.home() / ".local" / "share" / "vecpipe"), env="VECPIPE_HOME")
 
 
@@ -453,8 +491,9 @@ def validate(cfg: Config) -> Config:
             for check in f.metadata.get("checks", ()):
                 problem = check(getattr(values, f.name), values)
                 if problem is not None:
-                    raise ConfigError(
-                        f"{section}.{f.name} ({_env_name(section, f.name)}) {problem}")
+                    env = (f"{KAFKA_PASSTHROUGH_PREFIX}*" if f.name == "client"
+                           else _env_name(section, f.name))
+                    raise ConfigError(f"{section}.{f.name} ({env}) {problem}")
     return cfg
 
 

@@ -1,8 +1,9 @@
 """Prometheus metrics and the liveness/readiness endpoints every worker serves on one port.
 
 ``/metrics`` is the Prometheus exposition; ``/healthz`` answers 200 while the consumer loop keeps
-beating (a stalled loop turns it 503 so Kubernetes restarts the pod); ``/readyz`` answers 200
-once the worker is connected and has partitions assigned.
+beating and the batch under way keeps making progress (a stalled loop, or a batch stuck in one
+call, turns it 503 so Kubernetes restarts the pod and its partitions go to another member);
+``/readyz`` answers 200 once the worker is connected and has partitions assigned.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Health:
     def __init__(self, stall_after_s: float) -> None:
         self.stall_after_s = stall_after_s
         self._beat = time.monotonic()
+        self._batch_progress: float | None = None
         self._ready = False
         self._lock = threading.Lock()
 
@@ -88,22 +90,39 @@ class Health:
         with self._lock:
             self._beat = time.monotonic()
 
+    def batch_progress(self) -> None:
+        """The batch under way did a step (called from the batch thread)."""
+        with self._lock:
+            self._batch_progress = time.monotonic()
+
+    def batch_done(self) -> None:
+        """No batch is under way any more."""
+        with self._lock:
+            self._batch_progress = None
+
     def set_ready(self, ready: bool) -> None:
         """Connected and assigned (True), or not (False)."""
         with self._lock:
             self._ready = ready
 
+    def _live(self) -> bool:
+        now = time.monotonic()
+        stuck = (self._batch_progress is not None
+                 and now - self._batch_progress >= self.stall_after_s)
+        return now - self._beat < self.stall_after_s and not stuck
+
     @property
     def live(self) -> bool:
-        """False once the loop has not beaten for ``stall_after_s``."""
+        """False once the loop has not beaten, or the batch under way has made no progress, for
+        ``stall_after_s``."""
         with self._lock:
-            return time.monotonic() - self._beat < self.stall_after_s
+            return self._live()
 
     @property
     def ready(self) -> bool:
-        """True while the worker is connected and owns partitions."""
+        """True while the worker is live, connected and owns partitions."""
         with self._lock:
-            return self._ready and time.monotonic() - self._beat < self.stall_after_s
+            return self._ready and self._live()
 
 
 def serve(port: int, metrics: Metrics, health: Health) -> ThreadingHTTPServer:

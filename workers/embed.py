@@ -9,7 +9,7 @@ the records, and only then are their offsets stored: a crash anywhere re-embeds,
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -122,7 +122,8 @@ class EmbedProcessor:
         items = {id(msg): _Item(msg, obj) for msg, obj in decoded.inputs
                  if isinstance(obj, Chunk)}
         self._reuse(list(items.values()))
-        self._encode([it for it in items.values() if it.vector is None])
+        batch.progress()
+        self._encode([it for it in items.values() if it.vector is None], batch.progress)
         failures = list(decoded.failures)
         for msg, _ in decoded.inputs:
             if not batch.owned(msg):
@@ -138,7 +139,8 @@ class EmbedProcessor:
             if item.error is not None:
                 failures.append(Failure(msg, item.error))
         done = [m for m in batch.messages if batch.owned(m)]
-        return self.settle(batch.messages, done, [f for f in failures if batch.owned(f.msg)])
+        return self.settle(batch.messages, done, [f for f in failures if batch.owned(f.msg)],
+                           progress=batch.progress)
 
     def _produce_embedding(self, item: _Item) -> PermanentError | None:
         """Queue the embedding of ``item``; a chunk whose embedding no topic can take (huge
@@ -193,13 +195,13 @@ class EmbedProcessor:
                 reused += 1
         self.metrics.skipped.labels(self.metrics.stage).inc(reused)
 
-    def _encode(self, items: list[_Item]) -> None:
+    def _encode(self, items: list[_Item], progress: Callable[[], None]) -> None:
         if not items:
             return
         # Length-sorted batches pad less: every sequence in a forward pass is padded to the longest.
         ordered = sorted(items, key=lambda it: len(it.chunk.text))
         started = time.perf_counter()
-        self._encode_split(ordered)
+        self._encode_split(ordered, progress)
         refused = [it.error for it in ordered if isinstance(it.error, _ModelRefused)]
         if len(ordered) > 1 and len(refused) == len(ordered) and not self._model_works():
             # Every input failed, and so does a plain sentence: the model is broken, not the
@@ -219,7 +221,7 @@ class EmbedProcessor:
             return False
         return True
 
-    def _encode_split(self, items: list[_Item]) -> None:
+    def _encode_split(self, items: list[_Item], progress: Callable[[], None]) -> None:
         """Encode; on out-of-memory or an input the model refuses, halve the batch, down to
         single items (which are retried), and mark what fails alone."""
 
@@ -232,6 +234,7 @@ class EmbedProcessor:
                 vectors = self.encoder.encode(texts, self.cfg.embed.encode_batch_size)
             for it, vec in zip(part, vectors, strict=True):
                 it.vector = vec
+            progress()
 
         def poison(exc: BaseException) -> bool:
             # Out of memory: smaller batches may fit. Any other error but an outage: one input

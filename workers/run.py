@@ -39,8 +39,8 @@ def _run(
     log = get_logger()
     ensure_topics(cfg.kafka)
     metrics = Metrics(stage)
-    # A loop that has not turned for this long is stuck (a batch takes far less).
-    health = Health(stall_after_s=max(120.0, cfg.ops.shutdown_grace_s * 4))
+    # A loop that has not turned, or a batch that has not moved, for this long is stuck.
+    health = Health(stall_after_s=max(cfg.ops.stall_after_s, cfg.ops.shutdown_grace_s * 4))
     if cfg.ops.metrics_port:
         serve(cfg.ops.metrics_port, metrics, health)
         log.info("http_serving", port=cfg.ops.metrics_port,
@@ -91,7 +91,7 @@ def run_embed(cfg: Config, until_idle_s: float | None = None,
         return EmbedProcessor(cfg, encoder, producer, dl, guard, metrics, log, cache=cache)
 
     limits = BatchLimits(cfg.embed.batch_size, cfg.embed.batch_tokens,
-                         cfg.embed.batch_wait_ms / 1000)
+                         cfg.embed.batch_wait_ms / 1000, cfg.embed.batch_bytes)
     try:
         return _run(cfg, "embed", cfg.kafka.chunks_topic, cfg.kafka.embed_group, limits, make,
                     until_idle_s, stop)
@@ -112,7 +112,7 @@ def run_write(cfg: Config, until_idle_s: float | None = None,
         return WriteProcessor(cfg, store, producer, dl, guard, metrics, log, cfg.ops.worker_id)
 
     limits = BatchLimits(cfg.write.batch_size, cfg.write.batch_size,
-                         cfg.write.batch_wait_ms / 1000)
+                         cfg.write.batch_wait_ms / 1000, cfg.write.batch_bytes)
     try:
         return _run(cfg, "write", cfg.kafka.embeddings_topic, cfg.kafka.write_group, limits,
                     make, until_idle_s, stop)

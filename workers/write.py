@@ -8,7 +8,7 @@ only after the commit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -123,12 +123,14 @@ class WriteProcessor:
         kept, deletes = _drop_superseded(rows, deletes)
         failures = list(decoded.failures)
         stats = self._apply(kept, [d for _, d in deletes],
-                            {id(item): msg for msg, item in [*rows, *deletes]}, failures)
+                            {id(item): msg for msg, item in [*rows, *deletes]}, failures,
+                            batch.progress)
         for action in ("inserted", "updated", "unchanged", "stale_deleted", "deleted"):
             self.metrics.rows.labels(self.metrics.stage, action).inc(getattr(stats, action))
         self.log.debug("batch_merged", records=len(batch.messages), **vars(stats))
         # The transaction committed for every record, revoked partitions' included.
-        return self.settle(batch.messages, list(batch.messages), failures, produced=False)
+        return self.settle(batch.messages, list(batch.messages), failures, produced=False,
+                           progress=batch.progress)
 
     def _convert(self, msg: Message, obj: Decoded) -> Row | DeleteRequest:
         if isinstance(obj, Chunk):
@@ -147,11 +149,13 @@ class WriteProcessor:
         return to_row(obj, msg, self.cfg)
 
     def _apply(self, rows: list[Row], deletes: list[DeleteRequest],
-               source: dict[int, Message], failures: list[Failure]) -> MergeStats:
+               source: dict[int, Message], failures: list[Failure],
+               progress: Callable[[], None]) -> MergeStats:
         """One transaction for the batch; a row or delete the database refuses is isolated by
         halving (deletes first, order kept: the result is what one transaction gives)."""
 
         def run(part: Sequence[Row | DeleteRequest]) -> MergeStats:
+            progress()
             result: MergeStats = call_with_retry(
                 self.cfg.retry, self.store.apply, [r for r in part if isinstance(r, Row)],
                 [d for d in part if isinstance(d, DeleteRequest)], self.worker_id,

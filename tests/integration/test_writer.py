@@ -12,7 +12,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from tests.helpers import read_topic, run_stage
+from tests.helpers import BlackHoleProxy, read_topic, run_stage
+from vecpipe.config import with_section
 from vecpipe.db.pool import connect, make_pool
 from vecpipe.db.store import DeleteRequest, Row, Store
 from vecpipe.kafka.admin import offsets_committed
@@ -28,6 +29,7 @@ from vecpipe.messages import (
     encode_embedding,
     schema_headers,
 )
+from vecpipe.retry import is_transient
 
 pytestmark = pytest.mark.integration
 
@@ -307,3 +309,40 @@ def test_psycopg_pool_registers_vector_types(store: Store) -> None:
         r = conn.execute("SELECT embedding FROM chunks").fetchone()
     assert r is not None and r[0].to_numpy().shape == (384,)
     assert isinstance(psycopg.__version__, str)
+
+
+def test_a_black_holed_database_fails_the_merge_instead_of_holding_the_writer(
+        migrated: Any) -> None:
+    """A network that swallows packets in the middle of the writer's transaction: the merge
+    fails as a lost connection within database.call_timeout_s (a transient failure, which the
+    stage retries) instead of waiting forever; once the network is back, the retry lands."""
+    url = psycopg.conninfo.conninfo_to_dict(migrated.database.url)
+    proxy = BlackHoleProxy(str(url.get("host") or "127.0.0.1"), int(str(url.get("port") or 5432)))
+    via = {**url, "host": "127.0.0.1", "port": proxy.port}
+    cfg = with_section(migrated, "database", url=psycopg.conninfo.make_conninfo("", **via),
+                       call_timeout_s=2.0, network_timeout_s=2, pool_min=1, pool_max=2)
+    pool = make_pool(cfg.database)
+    try:
+        store = Store(cfg, pool)
+        store.apply([row("before", 0)], [])
+        proxy.black_hole()
+        outcome: list[BaseException | None] = []
+
+        def merge() -> None:
+            try:
+                store.apply([row("during", 0)], [])
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=merge, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "the merge waited on the silent network"
+        assert outcome and outcome[0] is not None and is_transient(outcome[0])
+        proxy.restore()
+        store.apply([row("during", 0)], [])
+        assert {d for _, d, _ in rows_of(store)} == {"before", "during"}
+    finally:
+        pool.close()
+        proxy.close()

@@ -295,3 +295,55 @@ def test_until_idle_waits_for_the_first_assignment() -> None:
     processor = Processor()
     assert loop(fake, processor, idle_s=0.05).run() == 0
     assert processor.batches == [[(0, 0)]]
+
+
+def test_batches_are_bounded_in_bytes_as_well_as_records() -> None:
+    """Large records close a batch by their bytes long before its record count: four records
+    of 400 kB with a 1 MB limit make batches of three at most, never of ten."""
+    fake = FakeConsumer([FakeRecord(TOPIC, 0, i, b"k", b"x" * 400_000) for i in range(4)],
+                        assign_first(0))
+    processor = Processor()
+    consumer = BatchConsumer(
+        KafkaConfig(), TOPIC, "g", processor, BatchLimits(10, 10, 0.0, max_bytes=1_000_000),
+        log=structlog.get_logger(), metrics=Metrics("test"), health=Health(stall_after_s=60),
+        stop=StopFlag(), until_idle_s=0.2, make_consumer=lambda conf: fake)
+    assert consumer.run() == 0
+    assert max(len(b) for b in processor.batches) <= 3
+    assert sum(len(b) for b in processor.batches) == 4
+
+
+def test_a_batch_stuck_in_one_call_turns_liveness_off_while_the_loop_still_polls() -> None:
+    """A black-holed connection holds the batch thread while the poll loop turns: /healthz must
+    say so (503), so that Kubernetes restarts the pod and its partitions move on."""
+    release, stuck = threading.Event(), threading.Event()
+    health = Health(stall_after_s=0.2)
+
+    def durable(batch: Batch) -> list[Any]:
+        batch.progress()
+        stuck.set()
+        release.wait(10)  # the call that never returns, until the test lets it
+        return list(batch.messages)
+
+    def script(fake: FakeConsumer) -> None:
+        if fake.calls == 1:
+            fake.assign(0)
+        elif stuck.is_set() and not health.live:
+            release.set()
+
+    fake = FakeConsumer([record(0, 0)], script)
+    consumer = BatchConsumer(
+        KafkaConfig(), TOPIC, "g", Processor(durable), BatchLimits(10, 10, 0.0),
+        log=structlog.get_logger(), metrics=Metrics("test"), health=health, stop=StopFlag(),
+        until_idle_s=0.2, make_consumer=lambda conf: fake)
+    assert consumer.run() == 0
+    assert release.is_set(), "liveness never turned off while the batch was stuck"
+    assert fake.committed == {(TOPIC, 0): 1}
+
+
+def test_a_batch_that_keeps_making_progress_stays_live() -> None:
+    """A long batch that does its steps (encode passes, database calls) is not stuck."""
+    health = Health(stall_after_s=60)
+    health.batch_progress()
+    assert health.live
+    health.batch_done()
+    assert health.live

@@ -1,7 +1,18 @@
-"""PostgreSQL connections: a pool whose every connection has pgvector types and session limits."""
+"""PostgreSQL connections: a pool whose every connection has pgvector types and session limits.
+
+Every connection also has client-side limits, so that a network that swallows packets (a
+black-holed route, a stuck proxy) cannot hold a worker in one call: TCP keepalives and
+``tcp_user_timeout`` (libpq), and :func:`deadline`, which cuts a connection whose call outlives
+``database.call_timeout_s``; the cut call fails as a lost connection, which is retried.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -12,7 +23,36 @@ from psycopg_pool import ConnectionPool
 from vecpipe.config import DatabaseConfig, redact_url
 from vecpipe.errors import Unreachable
 
-__all__ = ["check_database", "connect", "make_pool"]
+__all__ = ["check_database", "connect", "deadline", "make_pool"]
+
+
+def _network_options(db: DatabaseConfig) -> dict[str, Any]:
+    """libpq options that find a dead or silent peer from the client's side."""
+    idle = max(1, db.network_timeout_s // 3)
+    return {"connect_timeout": db.connect_timeout_s, "keepalives": 1,
+            "keepalives_idle": idle, "keepalives_interval": max(1, idle // 2),
+            "keepalives_count": 3, "tcp_user_timeout": db.network_timeout_s * 1000}
+
+
+@contextlib.contextmanager
+def deadline(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
+    """Cut ``conn`` if the block takes longer than ``seconds``: the call under way then fails
+    with psycopg.OperationalError (transient: retried on a new connection) instead of waiting
+    for a server that will never answer. The pool discards the cut connection."""
+    def cut() -> None:
+        # shutdown() acts on the socket itself, so a duplicate descriptor reaches it, and the
+        # blocked read in libpq returns at once.
+        with (contextlib.suppress(OSError, psycopg.Error),
+              socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _session_setup(conn: psycopg.Connection[Any], db: DatabaseConfig) -> None:
@@ -27,8 +67,7 @@ def connect(db: DatabaseConfig, *, vector_types: bool = True,
             autocommit: bool = False) -> psycopg.Connection[Any]:
     """One connection with the session settings (and pgvector types unless told otherwise)."""
     try:
-        conn = psycopg.connect(db.url, connect_timeout=db.connect_timeout_s,
-                               autocommit=autocommit)
+        conn = psycopg.connect(db.url, autocommit=autocommit, **_network_options(db))
     except psycopg.OperationalError as exc:
         raise Unreachable(
             f"Cannot connect to PostgreSQL at {redact_url(db.url)} (database.url, "
@@ -65,6 +104,11 @@ def check_database(db: DatabaseConfig, *, migrated: bool = False) -> None:
             )
 
 
+def _check(conn: psycopg.Connection[Any], seconds: float) -> None:
+    with deadline(conn, seconds):
+        ConnectionPool.check_connection(conn)
+
+
 def make_pool(db: DatabaseConfig, *, name: str = "vecpipe") -> ConnectionPool[Any]:
     """A connection pool whose connections have pgvector types, search_path and timeouts."""
 
@@ -78,12 +122,13 @@ def make_pool(db: DatabaseConfig, *, name: str = "vecpipe") -> ConnectionPool[An
         db.url,
         min_size=db.pool_min,
         max_size=db.pool_max,
-        kwargs={"connect_timeout": db.connect_timeout_s},
+        kwargs=_network_options(db),
         configure=configure,
         name=name,
         open=False,
-        # A connection that died with the server is found and replaced before it is handed out.
-        check=ConnectionPool.check_connection,
+        # A connection that died with the server is found and replaced before it is handed out
+        # (and one on a silent network is cut, then replaced, rather than waited on).
+        check=lambda conn: _check(conn, db.network_timeout_s),
     )
     pool.open(wait=True, timeout=db.connect_timeout_s * 3)
     return pool

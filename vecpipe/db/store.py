@@ -25,6 +25,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from vecpipe.config import Config
+from vecpipe.db.pool import deadline
 from vecpipe.db.schema import CHANGES, KEY, MERGED, STAGING, copy_types, staging_table
 
 __all__ = ["DeleteRequest", "MergeStats", "Row", "Store"]
@@ -190,7 +191,8 @@ class Store:
               worker_id: str = "") -> MergeStats:
         """Apply deletes, then merge ``rows``, in one transaction. Idempotent."""
         stats = MergeStats()
-        with self.pool.connection() as conn, conn.transaction():
+        with (self.pool.connection() as conn,
+              deadline(conn, self.cfg.database.call_timeout_s), conn.transaction()):
             for req in sorted(deletes, key=lambda r: (r.tenant_id, r.doc_id or "")):
                 stats.deleted += self._delete(conn, req, worker_id)
             merged = collapse(rows)
@@ -288,7 +290,7 @@ class Store:
         """
         if not hashes:
             return {}
-        with self.pool.connection(timeout=timeout_s) as conn:
+        with self.pool.connection(timeout=timeout_s) as conn, deadline(conn, timeout_s * 5):
             rows = conn.execute(self._q(
                 "SELECT content_hash, embedding FROM {schema}.cached_vectors(%s, %s, %s, %s)"),
                 ([bytes.fromhex(h) for h in hashes], model, revision, backend),

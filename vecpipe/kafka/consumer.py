@@ -9,7 +9,10 @@ Batches are processed in a background thread while this loop keeps calling ``pol
 group heartbeat and ``max.poll.interval.ms`` are served however long a batch takes, and
 rebalance callbacks run in time. While one batch is under way the next one fills; once it is full
 the partitions are paused (backpressure as a signal, not a sleep), so memory holds at most two
-batches plus librdkafka's bounded prefetch (``queued.max.messages.kbytes``).
+batches plus librdkafka's bounded prefetch (``queued.max.messages.kbytes``). Batches are bounded
+in records, in weight and in bytes: a batch of records at the size caps is as bounded as one of
+small records (it overshoots its byte limit by at most what one ``consume`` hands over, which
+the prefetch bounds).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class Batch:
 
     messages: list[Message]
     revoked: set[TP] = field(default_factory=set)
+    # Called by the processor at each step: liveness watches the batch thread, not only the loop.
+    progress: Callable[[], None] = field(default=lambda: None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def owned(self, msg: Message) -> bool:
@@ -121,11 +126,13 @@ class Processor(Protocol):
 
 @dataclass(frozen=True)
 class BatchLimits:
-    """A batch closes at ``max_count`` records, ``max_weight`` units, or ``max_wait_s``."""
+    """A batch closes at ``max_count`` records, ``max_weight`` units, ``max_bytes`` of keys and
+    values, or ``max_wait_s``; it always takes at least one record, however large."""
 
     max_count: int
     max_weight: int
     max_wait_s: float
+    max_bytes: int = 64 * 1024 * 1024
 
 
 class StopFlag:
@@ -190,6 +197,7 @@ class BatchConsumer:
         self._inflight: tuple[Batch, Future[list[Message]], float] | None = None
         self._pending: list[Message] = []
         self._pending_weight = 0
+        self._pending_bytes = 0
         self._pending_since: float | None = None
         self._assigned: set[TP] = set()
         self._paused = False
@@ -233,7 +241,7 @@ class BatchConsumer:
             self._finish_inflight(wait=True)
         gone_set = set(gone)
         self._pending = [m for m in self._pending if (m.topic(), m.partition()) not in gone_set]
-        self._pending_weight = sum(self.processor.weight(m) for m in self._pending)
+        self._recount()
         self._commit()
         self._assigned.difference_update(gone)
         self.health.set_ready(bool(self._assigned))
@@ -245,7 +253,7 @@ class BatchConsumer:
         if self._inflight is not None:
             self._inflight[0].revoke(list(gone))
         self._pending = [m for m in self._pending if (m.topic(), m.partition()) not in gone]
-        self._pending_weight = sum(self.processor.weight(m) for m in self._pending)
+        self._recount()
         self._assigned.difference_update(gone)
         self.health.set_ready(bool(self._assigned))
 
@@ -285,6 +293,7 @@ class BatchConsumer:
             # rebalance or close must not collect it again.
             if fut.done() or timeout is not None:
                 self._inflight = None
+                self.health.batch_done()
         self._store(done)
         elapsed = time.monotonic() - started
         self.metrics.batch_seconds.labels(self.metrics.stage).observe(elapsed)
@@ -294,15 +303,36 @@ class BatchConsumer:
         return True
 
     def _submit(self) -> None:
-        batch = Batch(self._pending)
-        self._pending, self._pending_weight, self._pending_since = [], 0, None
+        taken, rest = self._split()
+        batch = Batch(taken, progress=self.health.batch_progress)
+        self.health.batch_progress()
+        self._pending = rest
+        self._pending_since = time.monotonic() if rest else None
+        self._recount()
         self.metrics.queue_depth.labels(self.metrics.stage).set(len(batch.messages))
         self._inflight = (batch, _in_daemon_thread(self.processor.process, batch),
                           time.monotonic())
 
+    def _split(self) -> tuple[list[Message], list[Message]]:
+        """The pending records that fit one batch's limits (at least one), and the rest."""
+        count = weight = size = 0
+        lim = self.limits
+        for i, m in enumerate(self._pending):
+            w, b = self.processor.weight(m), _size(m)
+            if i and (count + 1 > lim.max_count or weight + w > lim.max_weight
+                      or size + b > lim.max_bytes):
+                return self._pending[:i], self._pending[i:]
+            count, weight, size = count + 1, weight + w, size + b
+        return self._pending, []
+
+    def _recount(self) -> None:
+        self._pending_weight = sum(self.processor.weight(m) for m in self._pending)
+        self._pending_bytes = sum(_size(m) for m in self._pending)
+
     def _batch_full(self) -> bool:
         return (len(self._pending) >= self.limits.max_count
-                or self._pending_weight >= self.limits.max_weight)
+                or self._pending_weight >= self.limits.max_weight
+                or self._pending_bytes >= self.limits.max_bytes)
 
     def _batch_due(self) -> bool:
         if not self._pending:
@@ -331,6 +361,7 @@ class BatchConsumer:
                 self._pending_since = time.monotonic()
             self._pending.append(m)
             self._pending_weight += self.processor.weight(m)
+            self._pending_bytes += _size(m)
             self._last_message_at = time.monotonic()
 
     def _idle(self) -> bool:
@@ -416,6 +447,11 @@ class BatchConsumer:
                 self.consumer.close()
             except Exception as exc:
                 self.log.warning("consumer_close_failed", error=str(exc))
+
+
+def _size(msg: Message) -> int:
+    """What a record holds in memory, near enough: its key and value."""
+    return len(msg.value() or b"") + len(msg.key() or b"")
 
 
 def _in_daemon_thread(fn: Callable[[Batch], list[Message]], batch: Batch) -> Future[list[Message]]:
