@@ -14,22 +14,16 @@ from typing import Any
 
 import structlog
 
+from vecpipe.config import redact_text
+
 __all__ = ["configure_logging", "get_logger", "redact"]
 
 _SECRET_KEYS = re.compile(r"(password|passwd|secret|token|sasl\.|ssl\.key|credential)", re.I)
-# postgresql://user:secret@host -> postgresql://user:***@host
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]+):(?P<pw>[^@\s]+)@", re.I)
-_KV_PASSWORD = re.compile(r"(?P<key>password\s*=\s*)(?P<pw>[^\s&]+)", re.I)
-
-
-def _scrub_text(text: str) -> str:
-    text = _URL_PASSWORD.sub(r"\g<scheme>:***@", text)
-    return _KV_PASSWORD.sub(r"\g<key>***", text)
 
 
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        return _scrub_text(value)
+        return redact_text(value)
     if isinstance(value, dict):
         return {
             k: ("***" if isinstance(k, str) and _SECRET_KEYS.search(k) else _scrub(v))

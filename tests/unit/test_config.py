@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vecpipe.config import Config, env_var_names, load_config, validate
+from vecpipe.config import Config, env_var_names, load_config, redact_text, redact_url, validate
 from vecpipe.errors import ConfigError
 from vecpipe.kafka.settings import admin_config, consumer_config
 
@@ -283,3 +283,38 @@ def test_long_form_of_aliased_setting_is_read() -> None:
     cfg = load_config(environ={"VECPIPE_VECTOR_METRIC": "l2", "VECPIPE_VECTOR_DIMENSION": "768"})
     assert cfg.vector.metric == "l2"
     assert cfg.vector.dimension == 768
+
+
+@pytest.mark.parametrize(("variable", "value", "says"), [
+    ("VECPIPE_KAFKA__ENABLE_AUTO_OFFSET_STORE", "true", "enable.auto.offset.store=true"),
+    ("VECPIPE_KAFKA__ACKS", "1", "acks=1"),
+    ("VECPIPE_KAFKA__ENABLE_IDEMPOTENCE", "false", "enable.idempotence=false"),
+])
+def test_pass_through_settings_cannot_switch_a_guarantee_off(variable: str, value: str,
+                                                            says: str) -> None:
+    """librdkafka settings pass through unchanged, except those that would break 'nothing
+    lost' or 'nothing duplicated': they stop the process at start with a sentence."""
+    with pytest.raises(ConfigError, match=rf"kafka\.client \(VECPIPE_KAFKA__\*\) sets {says}"):
+        load_config(environ={variable: value})
+    assert load_config(environ={"VECPIPE_KAFKA__ACKS": "all"}).kafka.client == {"acks": "all"}
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://vecpipe:hunter2@db:5432/vecpipe",
+    "postgresql://vecpipe:hun@ter:2@db:5432/vecpipe",
+    "postgresql://vecpipe@db/vecpipe?sslmode=require&password=hunter2",
+    "host=db user=vecpipe password=hunter2 dbname=vecpipe",
+    "host=db user=vecpipe password='hunter2 with spaces' dbname=vecpipe",
+])
+def test_passwords_never_reach_a_message(url: str) -> None:
+    """A database password is masked in every form a URL can take: user:password@ (even with
+    an @ in it), ?password= and a key=value connection string."""
+    assert "hunter2" not in redact_url(url) and "***" in redact_url(url)
+    assert "hunter2" not in redact_text(f"cannot connect to {url} now")
+
+
+def test_a_mistyped_scheme_is_reported_without_the_password() -> None:
+    """The error for a URL that is no PostgreSQL URL names the setting, not the password."""
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"VECPIPE_DATABASE_URL": "postgresqll://vecpipe:hunter2@db/x"})
+    assert "database.url" in str(info.value) and "hunter2" not in str(info.value)

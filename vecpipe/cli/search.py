@@ -38,11 +38,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         searcher = Searcher(cfg, pool, encoder, policy)
         if args.explain:
-            print(searcher.explain(args.query, args.k, filters=filters, ef_search=args.ef_search,
-                                   strategy=args.strategy))
+            print(searcher.explain(args.query, args.k, cfg.produce.tenant, filters=filters,
+                                   ef_search=args.ef_search, strategy=args.strategy))
             return 0
-        result = searcher.query(args.query, args.k, filters=filters, ef_search=args.ef_search,
-                                strategy=args.strategy)
+        result = searcher.query(args.query, args.k, cfg.produce.tenant, filters=filters,
+                                ef_search=args.ef_search, strategy=args.strategy)
     finally:
         pool.close()
     hits = result.hits

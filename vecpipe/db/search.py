@@ -177,7 +177,7 @@ class Searcher:
         ef_search: int | None = None,
         strategy: str = "auto",
     ) -> list[Hit]:
-        """The ``k`` nearest chunks of ``tenant`` (default: the configured one)."""
+        """The ``k`` nearest chunks of ``tenant`` (required: there is no default tenant)."""
         return self.query(query, k, tenant, filters, ef_search, strategy).hits
 
     def query(
@@ -220,7 +220,9 @@ class Searcher:
             raise SearchError(f"k must be at least 1, got {k}.")
         vec = self.vector_for(query)
         wrapped = HalfVector(vec) if self.cfg.vector.column_type == "halfvec" else Vector(vec)
-        tenant = tenant or self.cfg.produce.tenant
+        if not tenant:
+            # Never a default: a search that forgot its tenant must not read someone's rows.
+            raise SearchError("a search needs the tenant it is for; none was given.")
         params: dict[str, Any] = {"q": wrapped, "k": k, "tenant": tenant,
                                   "filters": json.dumps(dict(filters or {}))}
         with self.pool.connection() as conn, conn.transaction():
