@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -29,8 +30,11 @@ from vecpipe.messages import (
     Chunk,
     Delete,
     Document,
+    check_chunk,
+    check_delete,
     encode_chunk,
     encode_delete,
+    published_header,
     schema_headers,
 )
 
@@ -74,11 +78,25 @@ class Publisher:
         self.topic = cfg.kafka.chunks_topic
 
     def publish(self, document: Document) -> PublishResult:
-        """Chunk ``document`` and queue its chunks; an empty document publishes nothing."""
+        """Chunk ``document`` and queue its chunks, all stamped with one publish time.
+
+        A version without content (nothing to chunk) is published as a versioned delete: the
+        versions before it stop being searchable, as a version with fewer chunks removes the
+        stale ones, and a later version brings the document back. Raises InvalidMessage, before
+        sending anything, for a chunk the pipeline would refuse.
+        """
         chunks = self.chunker(document)
         for chunk in chunks:
+            check_chunk(chunk)
+        if not chunks:
+            self._delete(Delete(tenant_id=document.tenant_id, doc_id=document.doc_id,
+                                version=document.version,
+                                reason=f"version {document.version} has no content"))
+            return PublishResult(document.doc_id, 0, len(document.content))
+        headers = [*schema_headers(CHUNK), published_header()]
+        for chunk in chunks:
             self.producer.produce(self.topic, encode_chunk(chunk), key=chunk.key,
-                                  headers=schema_headers(CHUNK))
+                                  headers=headers)
         return PublishResult(document.doc_id, len(chunks), len(document.content))
 
     def publish_many(
@@ -94,23 +112,30 @@ class Publisher:
                 progress(result)
         return results
 
-    def publish_chunk(self, chunk: Chunk) -> None:
-        """Queue one already-made chunk (for systems that chunk themselves)."""
+    def publish_chunk(self, chunk: Chunk, published: datetime | None = None) -> None:
+        """Queue one already-made chunk (for systems that chunk themselves). Give every chunk
+        of a version the same ``published`` time (default: now). Raises InvalidMessage, before
+        sending, for a chunk the pipeline would refuse."""
+        check_chunk(chunk)
         self.producer.produce(self.topic, encode_chunk(chunk), key=chunk.key,
-                              headers=schema_headers(CHUNK))
+                              headers=[*schema_headers(CHUNK), published_header(published)])
 
     def delete(self, tenant_id: str, doc_id: str, *, version: int | None = None,
                reason: str = "") -> None:
-        """Remove one document (of ``version`` or older, if given), end to end, audited."""
+        """Remove one document (of ``version`` or older, if given; else every version
+        published before this call), end to end, audited. Raises InvalidMessage, before
+        sending, for a delete the pipeline would refuse: a caller is never told an erasure was
+        requested that would be dead-lettered."""
         self._delete(Delete(tenant_id=tenant_id, doc_id=doc_id, version=version, reason=reason))
 
     def delete_tenant(self, tenant_id: str, *, reason: str = "") -> None:
-        """Remove every chunk of a tenant, end to end, audited."""
+        """Remove every chunk of a tenant published before this call, end to end, audited."""
         self._delete(Delete(tenant_id=tenant_id, reason=reason))
 
     def _delete(self, delete: Delete) -> None:
+        check_delete(delete)
         self.producer.produce(self.topic, encode_delete(delete), key=delete.key,
-                              headers=schema_headers(DELETE))
+                              headers=[*schema_headers(DELETE), published_header()])
 
     def flush(self, timeout: float = 60.0) -> None:
         """Wait until the broker acknowledged everything queued; raise if it refused any."""

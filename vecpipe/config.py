@@ -235,9 +235,10 @@ class KafkaConfig:
     dlq_suffix: str = setting(".dlq")
     partitions: int = setting(4, at_least(1))
     replication_factor: int = setting(1, at_least(1))
-    # Dead letters keep their original timestamps, so time-based retention would count from the
-    # original publish and could delete a fresh dead letter at once: keep them until replayed.
-    dlq_retention_ms: int = setting(-1)
+    # Dead-letter topics hold text and vectors that a deletion may cover: they keep records 7
+    # days by default (-1: for ever). They append with their own time (LogAppendTime), so the
+    # retention counts from the failure; the publish time travels in a header.
+    dlq_retention_ms: int = setting(7 * 24 * 3_600_000, at_least(-1))
     embed_group: str = setting("vecpipe-embed")
     write_group: str = setting("vecpipe-write")
     client: Mapping[str, str] = setting(MISSING, _client_keeps_guarantees, factory=dict)

@@ -15,7 +15,7 @@ import re
 import struct
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -34,42 +34,58 @@ __all__ = [
     "DELETE",
     "DOCUMENT",
     "EMBEDDING",
+    "GAP",
     "MAX_DEPTH",
     "MAX_METADATA_BYTES",
     "MAX_VALUE_BYTES",
+    "PUBLISHED_HEADER",
     "SCHEMA_HEADER",
     "VERSION_HEADER",
     "Chunk",
+    "ChunkGap",
     "Delete",
     "Document",
     "Embedding",
     "HeaderLike",
     "Headers",
+    "check_chunk",
+    "check_delete",
     "content_hash",
     "decode",
     "document_key",
     "encode_chunk",
     "encode_delete",
     "encode_embedding",
+    "encode_gap",
     "header_list",
     "header_value",
     "load_schema",
     "normalize_text",
+    "published_at",
+    "published_header",
     "schema_headers",
+    "with_published_at",
 ]
 
 SCHEMA_HEADER = "vecpipe.schema"
 VERSION_HEADER = "vecpipe.schema.version"
+# When the document version (or the delete) was first published, ISO 8601 in UTC. Its first
+# publisher sets it; every stage, dead letter and replay carries it unchanged, and the writer
+# decides "published before the delete" from it, never from a Kafka timestamp (a topic may use
+# LogAppendTime, a replay is sent anew).
+PUBLISHED_HEADER = "vecpipe.published_at"
 DOCUMENT = "vecpipe.document"
 CHUNK = "vecpipe.chunk"
 EMBEDDING = "vecpipe.embedding"
 DELETE = "vecpipe.delete"
+GAP = "vecpipe.chunk.gap"
 # Schema name -> the versions this build understands, and its file in schemas/.
 SUPPORTED: dict[str, dict[int, str]] = {
     DOCUMENT: {1: "document.v1.json"},
     CHUNK: {1: "chunk.v1.json"},
     EMBEDDING: {1: "embedding.v1.json"},
     DELETE: {1: "delete.v1.json"},
+    GAP: {1: "chunk-gap.v1.json"},
 }
 _DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 _LEN = struct.Struct(">I")
@@ -259,6 +275,31 @@ class Delete:
 
 
 @dataclass(frozen=True)
+class ChunkGap:
+    """A chunk of a version that will not arrive (dead-lettered by the embed stage): the writer
+    empties its slot rather than keep an older version's text there."""
+
+    tenant_id: str
+    doc_id: str
+    version: int
+    chunk_index: int
+    chunk_count: int
+    content_hash: str
+    reason: str = ""
+
+    @property
+    def key(self) -> bytes:
+        """Kafka key of the chunk's document."""
+        return document_key(self.tenant_id, self.doc_id)
+
+    @classmethod
+    def of(cls, chunk: Chunk, reason: str) -> ChunkGap:
+        """The gap that ``chunk``, dead-lettered for ``reason``, leaves."""
+        return cls(chunk.tenant_id, chunk.doc_id, chunk.version, chunk.chunk_index,
+                   chunk.chunk_count, chunk.content_hash, reason[:2000])
+
+
+@dataclass(frozen=True)
 class Embedding:
     """A chunk with its vector and the model that made it, as it travels on the embeddings topic."""
 
@@ -273,6 +314,45 @@ class Embedding:
 def schema_headers(name: str, version: int = 1) -> Headers:
     """The headers that name a message's schema and version."""
     return [(SCHEMA_HEADER, name.encode()), (VERSION_HEADER, str(version).encode())]
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def published_header(when: datetime | None = None) -> tuple[str, bytes]:
+    """The ``vecpipe.published_at`` header for ``when`` (default: now)."""
+    when = when or datetime.now(UTC)
+    return (PUBLISHED_HEADER, when.astimezone(UTC).isoformat(timespec="microseconds").encode())
+
+
+def published_at(headers: HeaderLike, timestamp: tuple[int, int]) -> datetime:
+    """When a record's version or delete was first published: its ``vecpipe.published_at``
+    header, else (a record some other client built) its Kafka timestamp, else the epoch.
+
+    Raises InvalidMessage when the header is there but is not an ISO 8601 time.
+    """
+    text = header_value(headers, PUBLISHED_HEADER)
+    if text is not None:
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            raise InvalidMessage(
+                f"the {PUBLISHED_HEADER} header {text[:40]!r} is not an ISO 8601 time.") from None
+        return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    ts = timestamp[1]
+    return datetime.fromtimestamp(ts / 1000, UTC) if ts and ts > 0 else _EPOCH
+
+
+def with_published_at(headers: HeaderLike, timestamp: tuple[int, int]) -> Headers:
+    """``headers`` with a ``vecpipe.published_at`` header, taken from the Kafka timestamp when
+    the record has none (so that it survives a topic with LogAppendTime and a replay)."""
+    kept = header_list(headers)
+    if any(k == PUBLISHED_HEADER for k, _ in kept):
+        return kept
+    try:
+        return [*kept, published_header(published_at(kept, timestamp))]
+    except InvalidMessage:
+        return kept
 
 
 def header_value(headers: HeaderLike, name: str) -> str | None:
@@ -323,6 +403,11 @@ _MAX_REASON = 300
 def encode_chunk(chunk: Chunk) -> bytes:
     """Serialize a chunk as UTF-8 JSON."""
     return json.dumps(chunk.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def encode_gap(gap: ChunkGap) -> bytes:
+    """Serialize a chunk gap as UTF-8 JSON."""
+    return json.dumps(asdict(gap), ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def encode_delete(delete: Delete) -> bytes:
@@ -406,6 +491,27 @@ def _refuse_lone_surrogate(text: str, where: str) -> None:
         ) from None
 
 
+def _refuse_nul(data: Any) -> None:
+    """PostgreSQL text and jsonb cannot hold U+0000: a chunk carrying one anywhere (text,
+    source_uri, metadata) can never be stored, so it is refused before any work is spent."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise InvalidMessage(
+                    f"the chunk has a NUL character (U+0000) at {where or 'the top level'}, "
+                    "which PostgreSQL text cannot store; remove it before publishing.")
+        elif isinstance(item, dict):
+            stack.extend((k, f"a key of {where or 'the top level'}") for k in item)
+            stack.extend((v, f"{where}/{k}") for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}/{i}") for i, v in enumerate(item))
+
+
+_NUL_ESCAPE = b"\\u0000"
+
+
 def _check_metadata(data: Mapping[str, Any], size: int) -> None:
     """Metadata travels with every chunk of a document: bound it. ``size`` is the record's."""
     metadata = data.get("metadata")
@@ -449,9 +555,12 @@ def _decode_embedding(value: bytes, version: int) -> Embedding:
         raise InvalidMessage(
             f"the embedding metadata length {size} runs past the end of the value."
         )
-    meta = _json(value[_LEN.size : _LEN.size + size])
+    block = value[_LEN.size : _LEN.size + size]
+    meta = _json(block)
     _check(EMBEDDING, version, meta)
     _check_metadata(meta, size)
+    if _NUL_ESCAPE in block:
+        _refuse_nul(meta)
     dtype = _DTYPES[meta["dtype"]]
     body = value[_LEN.size + size :]
     if len(body) != meta["dim"] * dtype.itemsize:
@@ -473,7 +582,19 @@ def _decode_embedding(value: bytes, version: int) -> Embedding:
     )
 
 
-def decode(value: bytes | None, headers: HeaderLike) -> Chunk | Delete | Embedding:
+def check_chunk(chunk: Chunk) -> None:
+    """Raise InvalidMessage unless ``chunk`` is one the pipeline will take: every check the
+    embed stage makes on the wire, made before it is sent (publishers call it)."""
+    decode(encode_chunk(chunk), schema_headers(CHUNK))
+
+
+def check_delete(delete: Delete) -> None:
+    """Raise InvalidMessage unless ``delete`` is one the pipeline will take."""
+    decode(encode_delete(delete), schema_headers(DELETE))
+
+
+def decode(value: bytes | None,
+           headers: HeaderLike) -> Chunk | Delete | Embedding | ChunkGap:
     """Decode and validate one message by the schema its headers name."""
     if value is None:
         raise InvalidMessage("the message has no value (a tombstone is not a vecpipe message).")
@@ -488,7 +609,13 @@ def decode(value: bytes | None, headers: HeaderLike) -> Chunk | Delete | Embeddi
     _check(name, version, data)
     if name == CHUNK:
         _check_metadata(data, len(value))
+        if _NUL_ESCAPE in value:
+            _refuse_nul(data)
         return Chunk.from_dict(data)
+    if name == GAP:
+        if data["chunk_index"] >= data["chunk_count"]:
+            raise InvalidMessage("the gap's chunk_index is not below its chunk_count.")
+        return ChunkGap(**data)
     if name == DELETE:
         return Delete(
             tenant_id=data["tenant_id"],

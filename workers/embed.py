@@ -25,7 +25,19 @@ from vecpipe.health import Metrics
 from vecpipe.kafka.consumer import Batch
 from vecpipe.kafka.producer import DurableProducer
 from vecpipe.kafka.settings import MAX_MESSAGE_BYTES
-from vecpipe.messages import EMBEDDING, Chunk, Delete, Embedding, encode_embedding, schema_headers
+from vecpipe.messages import (
+    EMBEDDING,
+    GAP,
+    PUBLISHED_HEADER,
+    Chunk,
+    ChunkGap,
+    Delete,
+    Embedding,
+    encode_embedding,
+    encode_gap,
+    schema_headers,
+    with_published_at,
+)
 from vecpipe.model import normalize, vector_problem
 from vecpipe.retry import call_with_retry, is_transient
 from vecpipe.stages.bisect import isolate
@@ -130,17 +142,32 @@ class EmbedProcessor:
                 continue
             item = items.get(id(msg))
             if item is None:
-                # Deletes travel on in order with their document's chunks, unchanged.
+                # Deletes travel on in order with their document's chunks, unchanged but for
+                # their publish time, made explicit if the record carried it only as a timestamp.
                 self.producer.produce(self.out_topic, msg.value(), key=msg.key(),
-                                      headers=msg.headers(), timestamp=msg.timestamp()[1])
+                                      headers=with_published_at(msg.headers(), msg.timestamp()),
+                                      timestamp=msg.timestamp()[1])
                 continue
             if item.error is None and item.vector is not None:
                 item.error = self._produce_embedding(item)
             if item.error is not None:
                 failures.append(Failure(msg, item.error))
+                self._produce_gap(item, item.error)
         done = [m for m in batch.messages if batch.owned(m)]
         return self.settle(batch.messages, done, [f for f in failures if batch.owned(f.msg)],
                            progress=batch.progress)
+
+    def _produce_gap(self, item: _Item, error: BaseException) -> None:
+        """Tell the writer that this chunk of its version will not arrive: the slot is emptied
+        rather than keep an older version's text there (schemas/chunk-gap.v1.json)."""
+        gap = ChunkGap.of(item.chunk, f"{type(error).__name__}: {error}")
+        self.producer.produce(self.out_topic, encode_gap(gap), key=gap.key,
+                              headers=[*schema_headers(GAP), *self._published(item)],
+                              timestamp=item.msg.timestamp()[1])
+
+    def _published(self, item: _Item) -> list[tuple[str, bytes]]:
+        return [(k, v) for k, v in with_published_at(item.msg.headers(), item.msg.timestamp())
+                if k == PUBLISHED_HEADER]
 
     def _produce_embedding(self, item: _Item) -> PermanentError | None:
         """Queue the embedding of ``item``; a chunk whose embedding no topic can take (huge
@@ -163,8 +190,8 @@ class EmbedProcessor:
             self.out_topic,
             value,
             key=item.chunk.key,
-            headers=schema_headers(EMBEDDING),
-            # Keep the publish time: tenant deletions compare against it downstream.
+            # The publish time travels on: the writer orders the chunk against deletes by it.
+            headers=[*schema_headers(EMBEDDING), *self._published(item)],
             timestamp=item.msg.timestamp()[1],
         )
         return None
@@ -276,9 +303,10 @@ class EmbedProcessor:
 
 
 def _chunk_or_delete(msg: Message, obj: Decoded) -> Chunk | Delete:
-    if isinstance(obj, Embedding):
+    if isinstance(obj, Embedding | ChunkGap):
         raise InvalidMessage(
-            "an embedding message was published on the chunks topic; publish chunks there "
-            "and let the embed stage make embeddings."
+            f"a{'n embedding' if isinstance(obj, Embedding) else ' chunk gap'} message was "
+            "published on the chunks topic; publish chunks there and let the embed stage make "
+            "embeddings."
         )
     return obj

@@ -6,9 +6,10 @@ batch (flush, then commit), so an interrupted replay resumes without sending any
 It reads up to the high watermarks taken when it starts: records that fail again meanwhile
 land behind them and wait for the next replay instead of looping at once.
 
-A replayed record keeps its original timestamp (the writer orders deletes by it), so a record
-older than the target topic's ``retention.ms`` would be deleted by the broker before any worker
-read it. The replay halts before such a record instead, with its progress kept, and says so.
+A replayed record is sent anew, with a timestamp of now, so that the target topic's retention
+counts from the replay; its original publish time travels in its ``vecpipe.published_at``
+header (taken from its Kafka timestamp for a dead letter written before that header existed),
+and that is what the writer orders it by against deletes.
 """
 
 from __future__ import annotations
@@ -25,10 +26,6 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     TopicPartition,
-)
-from confluent_kafka.admin import (  # type: ignore[attr-defined]
-    ConfigResource,
-    ResourceType,
 )
 
 from vecpipe.config import Config
@@ -50,8 +47,6 @@ __all__ = [
 
 _ASSIGN_TIMEOUT_S = 60.0
 _PROGRESS_EVERY_S = 5.0
-# A replayed record must outlive the target's retention by this much for a worker to read it.
-_RETENTION_MARGIN_MS = 3_600_000
 
 OnRecord = Callable[[DeadLetter, Decision, str | None], None]
 
@@ -155,54 +150,25 @@ def _existing_topics(consumer: Consumer) -> set[str]:
 
 
 class _Targets:
-    """What replay checks of a target topic before sending there: it exists, it is not the
-    dead-letter topic itself, and it keeps the record long enough for a worker to read it."""
+    """What replay checks of a target topic before sending there: it exists, and it is not the
+    dead-letter topic itself."""
 
-    def __init__(self, cfg: Config, consumer: Consumer, source: str) -> None:
-        self.cfg = cfg
+    def __init__(self, consumer: Consumer, source: str) -> None:
         self.consumer = consumer
         self.source = source
         self.existing = _existing_topics(consumer)
-        self._retention: dict[str, int | None] = {}
-        self._admin: Any = None
 
-    def retention_ms(self, topic: str) -> int | None:
-        """The topic's time retention, or None when it deletes nothing by age."""
-        if topic not in self._retention:
-            resource = ConfigResource(ResourceType.TOPIC, topic)
-            if self._admin is None:
-                self._admin = admin_client(self.cfg.kafka)
-            # The admin client must outlive the request: a dropped one cancels it.
-            configs = self._admin.describe_configs([resource], request_timeout=15)[
-                resource].result(20)
-            policy = configs.get("cleanup.policy")
-            entry = configs.get("retention.ms")
-            value = int(entry.value) if entry is not None and entry.value is not None else -1
-            deletes = policy is None or "delete" in str(policy.value)
-            self._retention[topic] = value if deletes and value >= 0 else None
-        return self._retention[topic]
-
-    def problem(self, dead: DeadLetter, target: str, now_ms: int) -> str | None:
+    def problem(self, dead: DeadLetter, target: str) -> str | None:
         """Why ``dead`` must not be sent to ``target``, or None."""
         where = f"record {dead.partition}:{dead.offset} of {self.source}"
         if target == self.source:
-            return (f"{where} names the dead-letter topic itself as its original topic; "
-                    "replay it with --to TOPIC.")
+            return (f"{where} would go back to the dead-letter topic itself; replay it with "
+                    "--to TOPIC.")
         if target not in self.existing:
             self.existing = _existing_topics(self.consumer)
             if target not in self.existing:
-                return (f"{where} came from topic {target!r}, which does not exist any more; "
+                return (f"{where} belongs to topic {target!r}, which does not exist any more; "
                         "create it or replay with --to TOPIC.")
-        retention = self.retention_ms(target)
-        if retention is not None and dead.timestamp_ms is not None:
-            age_ms = now_ms - dead.timestamp_ms
-            if age_ms > retention - min(_RETENTION_MARGIN_MS, retention // 2):
-                return (f"{where} keeps its original timestamp, {age_ms / 3_600_000:.1f} h old, "
-                        f"but {target} deletes records after retention.ms={retention} "
-                        f"({retention / 3_600_000:.1f} h): the replayed copy would be deleted "
-                        f"before a worker read it. Raise retention.ms of {target} for the "
-                        "replay (kafka-configs.sh --alter --add-config retention.ms=...), then "
-                        "run the same command again.")
         return None
 
 
@@ -235,7 +201,7 @@ def replay(
                 f"--partition {', '.join(map(str, missing))} is not a partition of {topic} "
                 f"(it has {len(parts)}: 0 to {len(parts) - 1})."
             )
-        targets = _Targets(cfg, consumer, topic)
+        targets = _Targets(consumer, topic)
         if opts.to is not None and opts.to not in targets.existing:
             raise ReplayError(f"--to {opts.to!r} names a topic that does not exist; create it "
                               "first or check the name.")
@@ -270,12 +236,11 @@ def _dry_run(consumer: Consumer, cfg: Config, topic: str, opts: ReplayOptions,
     if all(starts[p] >= ends[p] for p in starts):
         summary.ended = "nothing_left"
         return
-    now_ms = int(time.time() * 1000)
     for msg in read_range(consumer, topic, starts, ends, stop=stop):
         dead = DeadLetter.of(msg)
         decision, target = decide(dead, opts.filters, cfg.dead_letter.max_replays, opts.to,
                                   source_topic(topic, cfg.kafka.dlq_suffix))
-        problem = targets.problem(dead, target, now_ms) if target is not None else None
+        problem = targets.problem(dead, target) if target is not None else None
         if problem is not None:
             summary.ended, summary.halt_reason = "halted", problem
             return
@@ -430,13 +395,13 @@ class _Replayer:
             decision, target = decide(dead, self.opts.filters, self.cfg.dead_letter.max_replays,
                                       self.opts.to, self.source)
             if target is not None:
-                halt = self.targets.problem(dead, target, int(time.time() * 1000))
+                halt = self.targets.problem(dead, target)
                 if halt is not None:
                     break
                 self.pacer.wait()
+                # Sent anew (a timestamp of now); the publish time travels in its header.
                 self.producer.produce(target, dead.value, key=dead.key,
-                                      headers=replay_headers(dead),
-                                      timestamp=dead.timestamp_ms)
+                                      headers=replay_headers(dead))
             self.summary.count(dead, decision, target)
             if self.on_record is not None:
                 self.on_record(dead, decision, target)

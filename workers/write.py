@@ -16,14 +16,15 @@ from typing import Any, Protocol
 from confluent_kafka import Message
 
 from vecpipe.config import Config
-from vecpipe.db.store import DeleteRequest, MergeStats, Row
+from vecpipe.db.erase import DeleteRequest
+from vecpipe.db.store import MergeStats, Row
 from vecpipe.deadletter.guard import DeadLetterGuard
 from vecpipe.deadletter.sender import DeadLetters
 from vecpipe.errors import InvalidMessage, PermanentError
 from vecpipe.health import Metrics
 from vecpipe.kafka.consumer import Batch
 from vecpipe.kafka.producer import DurableProducer
-from vecpipe.messages import Chunk, Delete, Embedding
+from vecpipe.messages import Chunk, ChunkGap, Delete, Embedding, published_at
 from vecpipe.model import vector_norm
 from vecpipe.retry import call_with_retry, is_permanent
 from vecpipe.stages.bisect import isolate
@@ -40,12 +41,6 @@ class StoreLike(Protocol):
               worker_id: str = "") -> MergeStats:
         """Apply deletes and merge rows in one transaction."""
         ...
-
-
-def _published_at(msg: Message) -> datetime:
-    ts = msg.timestamp()[1]
-    return datetime.fromtimestamp(ts / 1000, UTC) if ts and ts > 0 else datetime(1970, 1, 1,
-                                                                                   tzinfo=UTC)
 
 
 def to_row(emb: Embedding, msg: Message, cfg: Config) -> Row:
@@ -82,8 +77,8 @@ def to_row(emb: Embedding, msg: Message, cfg: Config) -> Row:
         content=c.text, char_start=c.char_start, char_end=c.char_end,
         source_uri=c.source_uri, metadata=dict(c.metadata), embedding=emb.vector,
         model_name=emb.model_name, model_revision=emb.model_revision,
-        model_backend=emb.backend, embedded_at=embedded_at, published_at=_published_at(msg),
-        offset=msg.offset() or 0,
+        model_backend=emb.backend, embedded_at=embedded_at,
+        published_at=published_at(msg.headers(), msg.timestamp()), offset=msg.offset() or 0,
     )
 
 
@@ -125,7 +120,7 @@ class WriteProcessor:
         stats = self._apply(kept, [d for _, d in deletes],
                             {id(item): msg for msg, item in [*rows, *deletes]}, failures,
                             batch.progress)
-        for action in ("inserted", "updated", "unchanged", "stale_deleted", "deleted"):
+        for action in MergeStats.ACTIONS:
             self.metrics.rows.labels(self.metrics.stage, action).inc(getattr(stats, action))
         self.log.debug("batch_merged", records=len(batch.messages), **vars(stats))
         # The transaction committed for every record, revoked partitions' included.
@@ -141,11 +136,14 @@ class WriteProcessor:
         if isinstance(obj, Delete):
             return DeleteRequest(
                 tenant_id=obj.tenant_id, doc_id=obj.doc_id, version=obj.version,
-                published_at=_published_at(msg),
+                published_at=published_at(msg.headers(), msg.timestamp()),
                 source={"topic": msg.topic(), "partition": msg.partition(),
                         "offset": msg.offset(), "requested_at": obj.requested_at,
                         "reason": obj.reason},
             )
+        if isinstance(obj, ChunkGap):
+            return Row.gap_of(obj, published_at(msg.headers(), msg.timestamp()),
+                              msg.offset() or 0)
         return to_row(obj, msg, self.cfg)
 
     def _apply(self, rows: list[Row], deletes: list[DeleteRequest],
@@ -187,20 +185,24 @@ def _drop_superseded(
     Returns the rows to merge, and the deletes, each knowing the highest version it dropped
     (``supersedes``): its tombstone records that version, as if the rows had been merged first.
     """
-    doc_deletes: dict[tuple[str, str], list[tuple[int, int | None]]] = {}
+    doc_deletes: dict[tuple[str, str], list[DeleteRequest]] = {}
     tenant_cut: dict[str, datetime] = {}
+    offset_of: dict[int, int] = {}
     for msg, req in deletes:
+        offset_of[id(req)] = msg.offset() or 0
         if req.doc_id is None:
             tenant_cut[req.tenant_id] = max(req.published_at,
                                             tenant_cut.get(req.tenant_id, req.published_at))
         else:
-            doc_deletes.setdefault((req.tenant_id, req.doc_id), []).append(
-                (msg.offset() or 0, req.version))
+            doc_deletes.setdefault((req.tenant_id, req.doc_id), []).append(req)
 
     def deleted_later(row: Row) -> bool:
-        # A versioned delete removes that version and older ones only, as in the store.
-        return any(offset > row.offset and (version is None or row.doc_version <= version)
-                   for offset, version in doc_deletes.get((row.tenant_id, row.doc_id), ()))
+        # As in the store: a versioned delete removes that version and older ones; one without
+        # a version what was published before it.
+        return any(offset_of[id(req)] > row.offset
+                   and (row.published_at < req.published_at if req.version is None
+                        else row.doc_version <= req.version)
+                   for req in doc_deletes.get((row.tenant_id, row.doc_id), ()))
 
     kept: list[Row] = []
     dropped: dict[tuple[str, str], int] = {}

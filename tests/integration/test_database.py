@@ -19,11 +19,12 @@ from psycopg import sql
 from tests.helpers import run_cli
 from vecpipe.config import with_section
 from vecpipe.db import indexes
+from vecpipe.db.erase import DeleteRequest
 from vecpipe.db.indexes import index_name, index_state
 from vecpipe.db.migrate import load_migrations, migrate, render, variables
 from vecpipe.db.pool import connect, make_pool
 from vecpipe.db.search import Searcher
-from vecpipe.db.store import DeleteRequest, Row, Store
+from vecpipe.db.store import Row, Store
 from vecpipe.errors import IndexOperationError, MigrationError
 from vecpipe.messages import content_hash
 
@@ -197,6 +198,7 @@ def test_vector_reuse_crosses_tenants_through_the_definer_function(three_tenants
                                      "all-MiniLM-L6-v2",
                                      "c9745ed1d9f207416be6d2e6f8de32d1f16199bf", "torch-fp32")
         assert set(found) == {rows[1].content_hash, rows[2].content_hash}
+        assert rows[1].embedding is not None
         assert np.allclose(found[rows[1].content_hash], rows[1].embedding, atol=1e-6)
         assert store.cached_vectors([rows[1].content_hash], "other-model", "", "torch") == {}
         with pool.connection() as conn:

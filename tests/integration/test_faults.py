@@ -63,10 +63,12 @@ from vecpipe.deadletter.headers import (
     H_CLASS,
     H_MESSAGE,
     H_OFFSET,
+    H_ORIGINAL_BYTES,
     H_PARTITION,
     H_STACK,
     H_STAGE,
     H_TOPIC,
+    H_TRUNCATED,
     H_WORKER,
 )
 from vecpipe.errors import Unreachable
@@ -480,6 +482,7 @@ class Case:
     says: tuple[str, ...] = ()
     stage: str | None = None  # the stage that must dead-letter it (None: either)
     row: dict[str, Any] = field(default_factory=dict)  # what a landed row must hold
+    compression: str = "lz4"  # how the raw producer compresses it
 
 
 def chunk_dict(tenant: str, doc: str, text: str, **extra: Any) -> dict[str, Any]:
@@ -501,6 +504,21 @@ def embedding_bytes(doc: str, vector: npt.NDArray[np.float32], dtype: str = "flo
     text = f"hand-built embedding {doc}"
     chunk = Chunk("acme", doc, 1, 0, 1, text, content_hash(text), 0, len(text))
     return encode_embedding(Embedding(chunk, vector, "hand", "r1", "torch-fp32"), dtype)
+
+
+def embedding_with(doc: str, **meta: Any) -> bytes:
+    """A hand-built embedding message whose metadata block has ``meta`` changed."""
+    value = embedding_bytes(doc, unit_vector(7))
+    (size,) = struct.unpack(">I", value[:4])
+    data = json.loads(value[4:4 + size])
+    data.update(meta)
+    block = json.dumps(data).encode()
+    return struct.pack(">I", len(block)) + block + value[4 + size:]
+
+
+def nested(depth: int) -> Any:
+    """A list nested ``depth`` deep."""
+    return json.loads("[" * depth + "]" * depth)
 
 
 def manifest(megabytes: float) -> str:
@@ -528,12 +546,13 @@ def bad_cases() -> list[Case]:
 
     def chunk(name: str, data: dict[str, Any], outcome: str, *says: str,
               stage: str | None = None, headers: list[tuple[str, bytes]] | None = ch,
-              key: bytes | None = None, value: bytes | None = None) -> Case:
+              key: bytes | None = None, value: bytes | None = None,
+              compression: str = "lz4") -> Case:
         if key is None and "tenant_id" in data and "doc_id" in data:
             key = document_key(data["tenant_id"], data["doc_id"])
         return Case(name, "chunks", key or f"acme/{name}".encode(),
                     js(data) if value is None else value, headers, outcome, says, stage,
-                    row=data if "land" in outcome else {})
+                    row=data if "land" in outcome else {}, compression=compression)
 
     def embedding(name: str, value: bytes, *says: str, outcome: str = "dlq",
                   headers: list[tuple[str, bytes]] = emb) -> Case:
@@ -551,6 +570,9 @@ def bad_cases() -> list[Case]:
     long_cjk = "".join(chr(cjk.randint(0x4E00, 0x9FFF)) for _ in range(1000))
     huge_meta = {f"field{i:05d}": f"value {i} of a very large metadata object"
                  for i in range(12_000)}
+    # Just under the metadata cap (65,536 bytes as compact JSON): it lands whole.
+    capped_meta = {f"f{i:04d}": "v" * 40 for i in range(1_200)}
+    twelve_mb = ("zstd squeezes this to a few kilobytes on the wire. " * 240_000)[:12_000_000]
     return [
         # -- contract violations: the embed stage dead-letters them with the reason ----------
         chunk("invalid-json", {}, "dlq", "not valid JSON", stage="embed",
@@ -571,7 +593,12 @@ def bad_cases() -> list[Case]:
               "dlq", "'content_hash' is a required property", stage="embed"),
         chunk("empty-text", cd("empty", ""), "dlq", "invalid at text", stage="embed"),
         chunk("blank-text", cd("blank", " \n\t "), "dlq", "invalid at text", stage="embed"),
-        chunk("raw-5mb-chunk", cd("big", five_mb), "dlq", "invalid at text", stage="embed"),
+        chunk("raw-5mb-chunk", cd("big", five_mb), "dlq", "more than the 2097152",
+              stage="embed"),
+        # 12 MB once decompressed: refused before parsing, and its dead letter (larger than the
+        # dead-letter topic takes) is cut to fit and says so.
+        chunk("12mb-zstd-chunk", cd("zstd", twelve_mb), "dlq", "more than the 2097152",
+              stage="embed", compression="zstd"),
         chunk("raw-1mib-incompressible-chunk", cd("big2", near_limit), "dlq", "invalid at text",
               stage="embed"),
         chunk("invalid-utf8", {}, "dlq", "not valid UTF-8", stage="embed",
@@ -589,6 +616,20 @@ def bad_cases() -> list[Case]:
         chunk("index-beyond-int32", cd("idx32", "index 2^40", chunk_index=2**40,
                                        chunk_count=2**40 + 1),
               "dlq", "chunk_index", stage="embed"),
+        # -- schema-valid once, each of them stopped a stage on every redelivery ---------------
+        chunk("integer-of-5000-digits", {}, "dlq", "4,300 digits", stage="embed",
+              value=b'{"tenant_id": "acme", "doc_id": "digits", "version": ' + b"9" * 5000
+              + b"}"),
+        chunk("nested-5000-deep", {}, "dlq", "deeper than 16", stage="embed",
+              value=b'{"tenant_id": "acme", "metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        chunk("metadata-20-deep", cd("deepmeta", "deep metadata", metadata={"a": nested(20)}),
+              "dlq", "deeper than 16", stage="embed"),
+        chunk("char-start-beyond-int4", cd("c4", "would wrap", char_start=3_000_000_000),
+              "dlq", "invalid at char_start", stage="embed"),
+        chunk("char-end-beyond-int8", cd("c8", "would overflow", char_end=2**63), "dlq",
+              "invalid at char_end", stage="embed"),
+        chunk("integral-float", cd("flt", "an integral float", char_start=1e300), "dlq",
+              "invalid at char_start", stage="embed"),
         # Rejected, or stored with the hash of its own text (never another text's vector).
         chunk("hash-of-another-text", {**cd("liar", "this is what I say"),
                                        "content_hash": content_hash("good text 0")},
@@ -608,9 +649,9 @@ def bad_cases() -> list[Case]:
         Case("delete-without-tenant", "chunks", b"acme/del", js({"doc_id": "x"}),
              schema_headers(DELETE), "dlq", ("'tenant_id' is a required property",), "embed"),
         # -- valid for the contract, refused by the database: the writer dead-letters them ---
-        chunk("nul-in-text", cd("nul", "before\x00after"), "dlq", "NUL", stage="write"),
+        chunk("nul-in-text", cd("nul", "before\x00after"), "dlq", "NUL", stage="embed"),
         chunk("nul-in-metadata", cd("nulmeta", "metadata with a NUL", metadata={"k": "a\x00b"}),
-              "dlq", "NUL", "\\u0000"),
+              "dlq", "NUL", stage="embed"),
         chunk("1000-char-cjk-doc-id", cd(long_cjk, "a very long CJK id"), "dlq", "doc_id",
               "index row size"),
         # -- unusual but valid: they land exactly as sent -----------------------------------
@@ -626,7 +667,10 @@ def bad_cases() -> list[Case]:
         chunk("combining-marks", chunk_dict("acme", "nfd", "e\u0301cole cafe\u0301 Zalgo "
                                             "z\u0351\u0352\u0353o"), "land"),
         chunk("huge-metadata", chunk_dict("acme", "hugemeta", "small text, big metadata",
-                                          metadata=huge_meta), "land"),
+                                          metadata=huge_meta), "dlq", "metadata is",
+              stage="embed"),
+        chunk("metadata-at-the-cap", chunk_dict("acme", "capmeta", "small text, capped metadata",
+                                                metadata=capped_meta), "land"),
         # -- the embeddings topic, hand-built ---------------------------------------------------
         embedding("wrong-dimension", embedding_bytes("dim", unit_vector(2, 128)),
                   "128 dimensions but the table stores 384"),
@@ -646,20 +690,29 @@ def bad_cases() -> list[Case]:
                   "a chunk without a vector", headers=ch),
         embedding("float16-vector", embedding_bytes("float16-vector", unit_vector(5), "float16"),
                   outcome="land"),
+        embedding("embedding-char-beyond-int4", embedding_with("e4", char_start=3_000_000_000),
+                  "invalid at char_start"),
+        embedding("embedding-integral-float", embedding_with("ef", char_end=1e300),
+                  "invalid at char_end"),
     ]
 
 
 def publish_raw(cfg: Any, cases: list[Case]) -> None:
-    """Publish the cases with a plain producer, each with a ``trace-id`` header of its own."""
-    producer = Producer({"bootstrap.servers": cfg.kafka.bootstrap, "compression.type": "lz4",
-                         "message.max.bytes": 10_000_000, "enable.idempotence": True})
+    """Publish the cases with plain producers (in order, each case compressed as it says), each
+    with a ``trace-id`` header of its own."""
+    producers: dict[str, Any] = {}
     for case in cases:
+        if case.compression not in producers:
+            producers[case.compression] = Producer({
+                "bootstrap.servers": cfg.kafka.bootstrap, "compression.type": case.compression,
+                "message.max.bytes": 20_000_000, "enable.idempotence": True})
+        producer = producers[case.compression]
         topic = cfg.kafka.chunks_topic if case.topic == "chunks" else cfg.kafka.embeddings_topic
         headers: list[tuple[str, str | bytes | None]] = [*(case.headers or []),
                                                          ("trace-id", case.name.encode())]
         producer.produce(topic, case.value, key=case.key, headers=headers)
-        producer.poll(0)
-    assert producer.flush(60) == 0
+        # One at a time, so that the cases keep their order across producers.
+        assert producer.flush(60) == 0
 
 
 def test_bad_input_lands_or_is_dead_lettered_precisely_and_the_pipeline_goes_on(
@@ -748,7 +801,14 @@ def check_dead_letter(cfg: Any, case: Case, got: list[tuple[str, Any]]) -> str:
     own = stage == "embed" or case.topic == "embeddings"  # the record as it was published
     if own and header_value(headers, "trace-id") != case.name:
         return "the original headers were not kept"
-    if own and (m.value(), m.key()) != (case.value, case.key):
+    cut = header_value(headers, H_TRUNCATED)
+    if own and cut:
+        # Larger than the dead-letter topic takes: cut to fit, and saying so.
+        if cut != "value" or not (case.value or b"").startswith(m.value() or b""):
+            return f"the dead letter was cut as {cut!r}, not as a prefix of its value"
+        if int(header_value(headers, H_ORIGINAL_BYTES) or 0) <= len(case.value or b""):
+            return "the dead letter does not say how large the record was"
+    elif own and (m.value(), m.key()) != (case.value, case.key):
         return "the original key or value was not kept"
     for name in (H_TOPIC, H_PARTITION, H_OFFSET, H_CLASS, H_STACK, H_STAGE, H_WORKER, H_ATTEMPTS):
         if not header_value(headers, name):

@@ -14,14 +14,16 @@ import pytest
 
 from tests.helpers import BlackHoleProxy, read_topic, run_stage
 from vecpipe.config import with_section
+from vecpipe.db.erase import DeleteRequest
 from vecpipe.db.pool import connect, make_pool
-from vecpipe.db.store import DeleteRequest, Row, Store
+from vecpipe.db.store import Row, Store
 from vecpipe.kafka.admin import offsets_committed
 from vecpipe.kafka.producer import DurableProducer
 from vecpipe.messages import (
     DELETE,
     EMBEDDING,
     Chunk,
+    ChunkGap,
     Delete,
     Embedding,
     content_hash,
@@ -55,6 +57,12 @@ def row(doc: str, idx: int, version: int = 1, count: int = 1, text: str | None =
         model_name="m", model_revision="r", model_backend="torch-fp32", embedded_at=NOW,
         published_at=published, offset=offset,
     )
+
+
+def vector_of(r: Row) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The vector of a row that has one (every row but a chunk gap)."""
+    assert r.embedding is not None
+    return r.embedding
 
 
 @pytest.fixture
@@ -213,7 +221,7 @@ def test_killed_connection_mid_batch_is_retried_to_the_same_result(migrated: Any
     rows = [row(f"doc{i}", 0, text=f"text {i}") for i in range(300)]
     for r in rows:
         emb = Embedding(Chunk(r.tenant_id, r.doc_id, 1, 0, 1, r.content, r.content_hash, 0,
-                              len(r.content)), r.embedding, "m", "r", "torch-fp32")
+                              len(r.content)), vector_of(r), "m", "r", "torch-fp32")
         producer.produce(cfg.kafka.embeddings_topic, encode_embedding(emb), key=b"k",
                          headers=schema_headers(EMBEDDING))
     producer.flush()
@@ -262,7 +270,7 @@ def test_offsets_are_committed_only_after_the_database_commit(migrated: Any) -> 
     for i in range(20):
         r = row(f"doc{i}", 0)
         emb = Embedding(Chunk(r.tenant_id, r.doc_id, 1, 0, 1, r.content, r.content_hash, 0, 1),
-                        r.embedding, "m", "r", "torch-fp32")
+                        vector_of(r), "m", "r", "torch-fp32")
         producer.produce(cfg.kafka.embeddings_topic, encode_embedding(emb),
                          key=r.doc_id.encode(), headers=schema_headers(EMBEDDING))
     producer.flush()
@@ -289,7 +297,7 @@ def test_delete_message_through_the_worker_is_applied_and_audited(migrated: Any)
     for i in range(3):
         r = row("gone", i, count=3)
         emb = Embedding(Chunk(r.tenant_id, "gone", 1, i, 3, r.content, r.content_hash, 0, 1),
-                        r.embedding, "m", "r", "torch-fp32")
+                        vector_of(r), "m", "r", "torch-fp32")
         producer.produce(cfg.kafka.embeddings_topic, encode_embedding(emb),
                          key=b"default/gone", headers=schema_headers(EMBEDDING))
     producer.produce(cfg.kafka.embeddings_topic, encode_delete(Delete("default", "gone")),
@@ -346,3 +354,130 @@ def test_a_black_holed_database_fails_the_merge_instead_of_holding_the_writer(
     finally:
         pool.close()
         proxy.close()
+
+
+# -- deletions that hold: late deletes, races, redeliveries, audits -------------------------------
+
+def test_a_late_delete_never_removes_a_version_published_after_it(store: Store) -> None:
+    """A delete without a version that arrives after a newer version (a producer's re-send
+    after an outage, a replay, a redelivery) removes nothing published after it: the newer
+    version stays searchable, the delete is audited as not applied, and a chunk published
+    before the delete still never comes back."""
+    t0, t1, t2 = NOW - timedelta(seconds=20), NOW - timedelta(seconds=10), NOW
+    store.apply([row("a", 0, version=1, published=t0)], [])
+    store.apply([row("a", 0, version=2, text="v2 text", published=t2)], [])
+    late = DeleteRequest("default", "a", None, t1, {"offset": 3, "reason": "late"})
+    assert store.apply([], [late]).deleted == 0
+    assert rows_of(store) == {("default", "a", 0): (2, "v2 text")}
+    store.apply([row("a", 1, version=3, count=2, published=t0 + timedelta(seconds=1))], [])
+    assert set(rows_of(store)) == {("default", "a", 0)}
+    with store.pool.connection() as conn:
+        assert conn.execute("SELECT applied FROM audit_log").fetchall() == [(False,)]
+
+
+def test_a_delete_delivered_twice_removes_once_and_is_audited_once(store: Store) -> None:
+    """Redelivery is normal: the second copy of a delete changes nothing and writes no second
+    audit row; a delete of the same document published later is a new request."""
+    store.apply([row("a", 0)], [])
+    req = DeleteRequest("default", "a", None, NOW + timedelta(seconds=1), {"offset": 5})
+    assert store.apply([], [req]).deleted == 1
+    assert store.apply([], [req]).deleted == 0
+    again = DeleteRequest("default", "a", None, NOW + timedelta(seconds=2), {"offset": 6})
+    store.apply([], [again])
+    with store.pool.connection() as conn:
+        assert conn.execute("SELECT count(*) FROM audit_log").fetchone() == (2,)
+
+
+def test_an_audit_problem_never_blocks_a_deletion(store: Store) -> None:
+    """A reason that jsonb cannot hold (a NUL character) is cleaned, and the deletion and its
+    audit row both land: the chunk removal is never dead-lettered for a cosmetic field."""
+    store.apply([row("a", 0)], [])
+    req = DeleteRequest("default", "a", None, NOW + timedelta(seconds=1),
+                        {"offset": 5, "reason": "ticket\x00 42"})
+    assert store.apply([], [req]).deleted == 1
+    assert rows_of(store) == {}
+    with store.pool.connection() as conn:
+        assert conn.execute("SELECT source->>'reason' FROM audit_log").fetchone() == (
+            "ticket\ufffd 42",)
+
+
+class PausingStore(Store):
+    """Holds its merge transaction open, after the merge, until told to commit."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.merged = threading.Event()
+        self.commit = threading.Event()
+
+    def _merge(self, conn: Any, rows: list[Row]) -> Any:
+        stats = super()._merge(conn, rows)
+        self.merged.set()
+        assert self.commit.wait(30)
+        return stats
+
+
+def test_a_tenant_deletion_racing_a_merge_of_a_new_document_removes_it(migrated: Any) -> None:
+    """A writer on another partition merges a document of a tenant seen for the first time
+    while the tenant is being deleted: the deletion waits for the merge's transaction and then
+    removes its rows (under READ COMMITTED it could not see them, and they would survive a
+    deletion the audit log says applied)."""
+    pools = [make_pool(migrated.database), make_pool(migrated.database)]
+    try:
+        merging, deleting = PausingStore(migrated, pools[0]), Store(migrated, pools[1])
+        published = NOW - timedelta(seconds=5)
+        merger = threading.Thread(target=merging.apply, daemon=True,
+                                  args=([row("new", 0, tenant="racy", published=published)], []))
+        merger.start()
+        assert merging.merged.wait(30)
+        deletion = DeleteRequest("racy", None, None, NOW, {"offset": 1})
+        deleter = threading.Thread(target=deleting.apply, args=([], [deletion]), daemon=True)
+        deleter.start()
+        deleter.join(3)  # waiting on the merge's lock, if the locks are right
+        merging.commit.set()
+        merger.join(30)
+        deleter.join(30)
+        assert not merger.is_alive() and not deleter.is_alive()
+        assert rows_of(deleting) == {}
+    finally:
+        for pool in pools:
+            pool.close()
+
+
+def gap(doc: str, idx: int, version: int, count: int, text: str,
+        published: datetime = NOW) -> Row:
+    """The gap a dead-lettered chunk of ``text`` leaves."""
+    return Row.gap_of(ChunkGap("default", doc, version, idx, count, content_hash(text), "bad"),
+                      published, 0)
+
+
+def test_a_partly_failed_version_leaves_gaps_never_the_old_versions_text(store: Store) -> None:
+    """Version 2 of a three-chunk document arrives with its middle chunk dead-lettered: the
+    document is served at version 2 with a gap, not with version 1's middle chunk, unless that
+    chunk's content is what version 2 has there too. A replay of the dead letter fills the gap."""
+    store.apply([row("a", i, version=1, count=3, text=f"v1 chunk {i}") for i in range(3)], [])
+    stats = store.apply([row("a", 0, version=2, count=3, text="v2 chunk 0"),
+                         gap("a", 1, 2, 3, "v2 chunk 1"),
+                         row("a", 2, version=2, count=3, text="v1 chunk 2")], [])
+    assert stats.gap_deleted == 1
+    assert rows_of(store) == {("default", "a", 0): (2, "v2 chunk 0"),
+                              ("default", "a", 2): (2, "v1 chunk 2")}
+    store.apply([row("a", 1, version=2, count=3, text="v2 chunk 1")], [])  # the replay
+    assert rows_of(store)[("default", "a", 1)] == (2, "v2 chunk 1")
+
+
+def test_a_gap_keeps_a_chunk_whose_content_did_not_change(store: Store) -> None:
+    """A dead-lettered chunk whose text equals the stored one (of the older version) leaves
+    the stored chunk: it is what the new version has at that index."""
+    store.apply([row("a", 0, version=1, text="same")], [])
+    store.apply([gap("a", 0, 2, 1, "same")], [])
+    assert rows_of(store) == {("default", "a", 0): (1, "same")}
+
+
+def test_a_gap_published_before_a_delete_does_not_bring_the_document_back(store: Store) -> None:
+    """A gap is ordered against deletes like the chunk it stands for."""
+    store.apply([row("a", 0, version=1)], [])
+    store.apply([], [DeleteRequest("default", "a", None, NOW, {"offset": 1})])
+    store.apply([gap("a", 0, 2, 1, "x", published=NOW - timedelta(seconds=1))], [])
+    with store.pool.connection() as conn:
+        assert conn.execute("SELECT deleted FROM documents WHERE doc_id = 'a'").fetchone() == (
+            True,)

@@ -32,7 +32,7 @@ from vecpipe.deadletter.headers import (
 )
 from vecpipe.deadletter.sender import FALLBACK_BYTES, MAX_DEAD_LETTER_BYTES, DeadLetters
 from vecpipe.errors import DeadLetterRateExceeded, InvalidMessage
-from vecpipe.messages import load_schema
+from vecpipe.messages import PUBLISHED_HEADER, load_schema
 
 
 def _dead_letters(producer: FakeProducer, stage: str = "embed") -> DeadLetters:
@@ -135,9 +135,11 @@ def test_second_failure_replaces_error_headers() -> None:
     assert "first" not in added[H_STACK]
     assert added[H_FIRST_FAILED].encode() == first_failed
     assert added[H_REPLAYS] == "1"
-    # Headers that were not vecpipe's error headers survive untouched, in order.
+    # Headers that were not vecpipe's error headers survive untouched, in order, and the
+    # publish time is made explicit (dead-letter topics append with their own time).
     assert [(k, v) for k, v in headers if not k.startswith(ERROR_PREFIXES)
-            and k != H_REPLAYS] == FakeRecord().headers_
+            and k not in (H_REPLAYS, PUBLISHED_HEADER)] == FakeRecord().headers_
+    assert dict(headers)[PUBLISHED_HEADER] == b"2024-05-01T12:30:15.123000+00:00"
     Draft202012Validator(load_schema("dead-letter-headers.v1.json")).validate(added)
 
 

@@ -92,7 +92,8 @@ def test_replay_headers_keep_originals_and_first_failure_and_count_one_more() ->
     """Replay drops the last failure's headers, keeps the original ones, first-failed-at, +1."""
     dead = dead_letter_of(chunk_record(), ValueError("boom"))
     headers = replay_headers(dead)
-    assert [h for h in headers if h[0] not in (H_FIRST_FAILED, H_REPLAYS)] == ORIGINAL_HEADERS
+    assert [h for h in headers if h[0] not in (H_FIRST_FAILED, H_REPLAYS)] == [
+        *ORIGINAL_HEADERS, ("vecpipe.published_at", b"2024-04-30T18:00:00.000000+00:00")]
     assert dict(headers)[H_FIRST_FAILED] == dict(dead.headers)[H_FIRST_FAILED]
     assert dict(headers)[H_REPLAYS] == b"1"
     assert [k for k, _ in headers if k.startswith(ERROR_PREFIXES)] == [H_FIRST_FAILED]
@@ -324,21 +325,28 @@ def test_dead_letter_config_default_allows_replays() -> None:
     assert 1 <= DeadLetterConfig().max_replays <= 5
 
 
-def test_replay_refuses_targets_that_loop_or_would_delete_the_record() -> None:
-    """The source itself and a retention shorter than the record's age
-    (with an hour to spare) each halt the replay with a sentence; infinite retention is fine."""
+def test_replay_refuses_targets_that_loop_or_are_gone() -> None:
+    """Sending a record back to the dead-letter topic itself halts the replay with a sentence;
+    a topic that exists is fine."""
 
     class Known(_Targets):
         def __init__(self) -> None:
             self.source = "t.dlq"
-            self.existing = {"t", "short", "forever"}
-            self._retention = {"t": 7 * 86_400_000, "short": 2 * 3_600_000, "forever": None}
+            self.existing = {"t", "short"}
 
-    now_ms = 1_714_500_000_000
-    dead = DeadLetter.of(chunk_record(timestamp_=(1, now_ms - 90 * 60_000)))
+    dead = DeadLetter.of(chunk_record())
     targets = Known()
-    assert targets.problem(dead, "t", now_ms) is None
-    assert targets.problem(dead, "forever", now_ms) is None
-    assert "would be deleted" in (targets.problem(dead, "short", now_ms) or "")
-    assert "retention.ms=7200000" in (targets.problem(dead, "short", now_ms) or "")
-    assert "itself" in (targets.problem(dead, "t.dlq", now_ms) or "")
+    assert targets.problem(dead, "t") is None
+    assert "itself" in (targets.problem(dead, "t.dlq") or "")
+
+
+def test_a_replayed_record_keeps_its_publish_time_in_its_header() -> None:
+    """A dead letter written before the publish-time header existed (its timestamp was the
+    original one) is replayed with that time as its vecpipe.published_at header; one that has
+    the header keeps it as it is."""
+    old = DeadLetter.of(chunk_record(timestamp_=(1, 1_714_500_000_000)))
+    assert ("vecpipe.published_at", b"2024-04-30T18:00:00.000000+00:00") in replay_headers(old)
+    stamped = DeadLetter.of(chunk_record(headers_=[
+        *ORIGINAL_HEADERS, ("vecpipe.published_at", b"2020-01-01T00:00:00+00:00")]))
+    times = [v for k, v in replay_headers(stamped) if k == "vecpipe.published_at"]
+    assert times == [b"2020-01-01T00:00:00+00:00"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,10 @@ from vecpipe.messages import (
     CHUNK,
     DELETE,
     EMBEDDING,
+    GAP,
+    PUBLISHED_HEADER,
     Chunk,
+    ChunkGap,
     Delete,
     Embedding,
     content_hash,
@@ -32,6 +36,7 @@ from vecpipe.messages import (
     encode_chunk,
     encode_delete,
     encode_embedding,
+    published_header,
     schema_headers,
 )
 from workers import embed as embed_module
@@ -144,6 +149,11 @@ class Feed:
         return FakeRecord(CHUNKS, partition, off, b"acme/bad", value, schema_headers(CHUNK), ts)
 
 
+def is_gap(sent: Sent) -> bool:
+    """Whether ``sent`` is a chunk gap (not an embedding or a delete)."""
+    return dict(sent.headers).get("vecpipe.schema") == GAP.encode()
+
+
 @dataclass
 class Stage:
     """An EmbedProcessor wired to fakes, and the fakes to inspect."""
@@ -160,6 +170,14 @@ class Stage:
         return self.processor.process(batch)
 
     def embeddings(self) -> list[Sent]:
+        """What went to the embeddings topic but the chunk gaps."""
+        return [o for o in self.outputs() if not is_gap(o)]
+
+    def gaps(self) -> list[Sent]:
+        """The chunk gaps: chunks dead-lettered here, whose slot the writer empties."""
+        return [o for o in self.outputs() if is_gap(o)]
+
+    def outputs(self) -> list[Sent]:
         return self.producer.to(CFG.kafka.embeddings_topic)
 
     def dead(self) -> list[Sent]:
@@ -216,7 +234,9 @@ def test_unit_vectors_in_order_with_keys_and_timestamps() -> None:
         np.testing.assert_allclose(emb.vector, unit(fake_vector(c.text)), rtol=1e-6)
         assert (emb.model_name, emb.model_revision, emb.backend) == (
             "fake-minilm", "rev-1", "torch-fp32")
-        assert dict(o.headers) == dict(schema_headers(EMBEDDING))
+        assert dict(o.headers) == {**dict(schema_headers(EMBEDDING)),
+                                   PUBLISHED_HEADER: published_header(
+                                       datetime.fromtimestamp((o.timestamp or 0) / 1000, UTC))[1]}
     assert s.dead() == []
     assert s.producer.events[-1] == "flush"
     assert s.counted("ok") == 4
@@ -238,7 +258,8 @@ def test_deletes_pass_through_unchanged_and_in_order() -> None:
     assert len(out) == 4
     for o, m in zip((out[1], out[3]), (msgs[1], msgs[3]), strict=True):
         assert (o.value, o.key, o.headers, o.timestamp) == (
-            m.value_, m.key_, m.headers_, m.timestamp_[1])
+            m.value_, m.key_, [*m.headers_, published_header(
+                datetime.fromtimestamp(m.timestamp_[1] / 1000, UTC))], m.timestamp_[1])
     assert isinstance(decode(out[1].value, out[1].headers), Delete)
     assert decoded(out[0]).chunk.doc_id == "d1"
     assert decoded(out[2]).chunk.doc_id == "d2"
@@ -289,6 +310,10 @@ def test_nan_and_zero_vectors_are_dead_lettered() -> None:
     assert "NaN or infinite" in reasons[b"acme/nan-text"]
     assert "zero vector" in reasons[b"acme/zero-text"]
     assert s.counted("dead_letter") == 2
+    # Each dead-lettered chunk leaves a gap for the writer, in place of its embedding.
+    gaps = [decode(g.value, g.headers) for g in s.gaps()]
+    assert [(g.doc_id, g.chunk_index) for g in gaps if isinstance(g, ChunkGap)] == [
+        ("nan-text", 0), ("zero-text", 0)]
 
 
 def test_wrong_model_dimension_is_dead_lettered() -> None:

@@ -66,6 +66,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("embedded_at", "timestamptz"),
     # When the chunk's message was published: only the merge's checks against deletes read it.
     Column("published_at", "timestamptz", merged=False),
+    # A chunk of a version that will not arrive (vecpipe.chunk.gap): it empties its slot.
+    Column("gap", "bool", merged=False),
 )
 KEY = ("tenant_id", "doc_id", "chunk_index")
 STAGING = tuple(c.name for c in COLUMNS)

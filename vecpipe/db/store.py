@@ -1,8 +1,9 @@
-"""The chunks store: idempotent merges, deletes with an audit trail, and vector look-ups.
+"""The chunks store: idempotent merges, deletes (``vecpipe.db.erase``), and vector look-ups.
 
-One batch is one transaction: COPY (FORMAT BINARY) into a temporary staging table, record the
-newest version of each document, merge the chunks with INSERT ... ON CONFLICT, remove the chunks
-a shorter new version no longer has, and apply deletes. Every statement takes rows in key order,
+One batch is one transaction: the batch's per-tenant locks, then its deletes, then COPY (FORMAT
+BINARY) into a temporary staging table, record the newest version of each document, merge the
+chunks with INSERT ... ON CONFLICT, and remove the chunks a shorter new version no longer has.
+Every statement takes rows in key order,
 so concurrent writers on overlapping keys queue behind each other instead of deadlocking; and
 because the merge is idempotent, a batch retried after a deadlock, serialization failure or lost
 connection leaves the database as if it had run once.
@@ -10,9 +11,8 @@ connection leaves the database as if it had run once.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,10 +25,12 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from vecpipe.config import Config
+from vecpipe.db.erase import DeleteRequest, Eraser, lock_tenants
 from vecpipe.db.pool import deadline
 from vecpipe.db.schema import CHANGES, KEY, MERGED, STAGING, copy_types, staging_table
+from vecpipe.messages import ChunkGap
 
-__all__ = ["DeleteRequest", "MergeStats", "Row", "Store"]
+__all__ = ["MergeStats", "Row", "Store", "collapse"]
 
 # Staging is TEMPORARY (``vecpipe.db.schema.staging_table``): it is private to the writer's
 # session (concurrent writers never see each other's rows), is not WAL-logged (it only lives
@@ -39,9 +41,10 @@ __all__ = ["DeleteRequest", "MergeStats", "Row", "Store"]
 #    a deleted document is revived only by a newer version, and never by a chunk published
 #    before a deletion without a version (of the document or of its tenant).
 _DOCUMENTS = """
-INSERT INTO {schema}.documents AS d (tenant_id, doc_id, version, chunk_count, deleted)
+INSERT INTO {schema}.documents AS d
+    (tenant_id, doc_id, version, chunk_count, deleted, published_at)
 SELECT DISTINCT ON (s.tenant_id, s.doc_id) s.tenant_id, s.doc_id, s.doc_version, s.chunk_count,
-       false
+       false, s.published_at
 FROM vecpipe_staging s
 LEFT JOIN {schema}.tenant_deletions t ON t.tenant_id = s.tenant_id
 LEFT JOIN {schema}.documents o ON o.tenant_id = s.tenant_id AND o.doc_id = s.doc_id
@@ -50,7 +53,7 @@ WHERE (t.deleted_before IS NULL OR s.published_at > t.deleted_before)
 ORDER BY s.tenant_id, s.doc_id, s.doc_version DESC
 ON CONFLICT (tenant_id, doc_id) DO UPDATE
 SET version = EXCLUDED.version, chunk_count = EXCLUDED.chunk_count, deleted = false,
-    updated_at = now()
+    published_at = EXCLUDED.published_at, updated_at = now()
 WHERE d.version < EXCLUDED.version
    -- Deleted without a version: the same version published again after the delete (the rows
    -- published before it were filtered out above) brings the document back.
@@ -65,7 +68,7 @@ INSERT INTO {schema}.chunks AS c ({merged})
 SELECT {staged}
 FROM vecpipe_staging s
 JOIN {schema}.documents d ON d.tenant_id = s.tenant_id AND d.doc_id = s.doc_id
-WHERE s.doc_version = d.version AND NOT d.deleted AND s.chunk_index < d.chunk_count
+WHERE NOT s.gap AND s.doc_version = d.version AND NOT d.deleted AND s.chunk_index < d.chunk_count
   AND (d.deleted_before IS NULL OR s.published_at > d.deleted_before)
 ORDER BY s.tenant_id, s.doc_id, s.chunk_index
 ON CONFLICT (tenant_id, doc_id, chunk_index) DO UPDATE
@@ -87,7 +90,20 @@ def _merge_statement(schema: sql.Identifier) -> sql.Composed:
         stored_changes=names("c.", CHANGES), new_changes=names("EXCLUDED.", CHANGES))
 
 
-# 3. A version with fewer chunks than the one before: the chunks past its end go.
+# 3. A chunk of the newest version that will not arrive (vecpipe.chunk.gap): an older version's
+#    chunk with other content at its index goes too, so that search never serves a mix of two
+#    versions of a document. The slot stays empty until the dead letter is replayed.
+_GAPS = """
+DELETE FROM {schema}.chunks c
+USING vecpipe_staging s, {schema}.documents d
+WHERE s.gap AND c.tenant_id = s.tenant_id AND c.doc_id = s.doc_id
+  AND c.chunk_index = s.chunk_index
+  AND d.tenant_id = s.tenant_id AND d.doc_id = s.doc_id AND s.doc_version = d.version
+  AND NOT d.deleted AND (d.deleted_before IS NULL OR s.published_at > d.deleted_before)
+  AND c.doc_version < s.doc_version AND c.content_hash <> s.content_hash
+"""
+
+# 4. A version with fewer chunks than the one before: the chunks past its end go.
 _STALE = """
 DELETE FROM {schema}.chunks c
 USING (SELECT DISTINCT tenant_id, doc_id FROM vecpipe_staging) s, {schema}.documents d
@@ -112,32 +128,27 @@ class Row:
     char_end: int
     source_uri: str
     metadata: dict[str, Any]
-    embedding: npt.NDArray[np.float32]
+    embedding: npt.NDArray[np.float32] | None
     model_name: str
     model_revision: str
     model_backend: str
     embedded_at: datetime
     published_at: datetime
+    # A chunk gap (vecpipe.chunk.gap): no content and no vector; it only empties its slot.
+    gap: bool = False
     offset: int = 0
+
+    @classmethod
+    def gap_of(cls, gap: ChunkGap, published_at: datetime, offset: int) -> Row:
+        """The row that stages a chunk gap."""
+        return cls(gap.tenant_id, gap.doc_id, gap.chunk_index, gap.version, gap.chunk_count,
+                   gap.content_hash, "", 0, 0, "", {}, None, "", "", "", published_at,
+                   published_at, gap=True, offset=offset)
 
     @property
     def key(self) -> tuple[str, str, int]:
         """(tenant, document, chunk index): the primary key."""
         return (self.tenant_id, self.doc_id, self.chunk_index)
-
-
-@dataclass(frozen=True)
-class DeleteRequest:
-    """A document (``doc_id``) or tenant deletion, with its message's provenance for the audit."""
-
-    tenant_id: str
-    doc_id: str | None
-    version: int | None
-    published_at: datetime
-    source: dict[str, Any] = field(default_factory=dict)
-    # The highest version of this document whose chunks came before the delete in its batch and
-    # were dropped unmerged: the tombstone records it, as if they had been merged first.
-    supersedes: int = 0
 
 
 @dataclass
@@ -149,10 +160,13 @@ class MergeStats:
     unchanged: int = 0
     stale_deleted: int = 0
     deleted: int = 0
+    gap_deleted: int = 0
+
+    ACTIONS = ("inserted", "updated", "unchanged", "stale_deleted", "deleted", "gap_deleted")
 
     def add(self, other: MergeStats) -> None:
         """Accumulate ``other`` into this one."""
-        for name in ("inserted", "updated", "unchanged", "stale_deleted", "deleted"):
+        for name in self.ACTIONS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -181,6 +195,7 @@ class Store:
         self._wrap: type[Vector] | type[HalfVector] = (
             HalfVector if self._vtype == "halfvec" else Vector)
         self._merge_sql = _merge_statement(self.schema)
+        self._eraser = Eraser(cfg.database.schema)
         self._copy_sql = sql.SQL("COPY vecpipe_staging ({}) FROM STDIN (FORMAT BINARY)").format(
             sql.SQL(", ").join(map(sql.Identifier, STAGING)))
 
@@ -193,8 +208,9 @@ class Store:
         stats = MergeStats()
         with (self.pool.connection() as conn,
               deadline(conn, self.cfg.database.call_timeout_s), conn.transaction()):
-            for req in sorted(deletes, key=lambda r: (r.tenant_id, r.doc_id or "")):
-                stats.deleted += self._delete(conn, req, worker_id)
+            lock_tenants(conn, self.cfg.database.schema, shared={r.tenant_id for r in rows},
+                         exclusive={d.tenant_id for d in deletes if d.doc_id is None})
+            stats.deleted += self._eraser.apply(conn, deletes, worker_id)
             merged = collapse(rows)
             if merged:
                 stats.add(self._merge(conn, merged))
@@ -209,72 +225,25 @@ class Store:
                     copy.write_row((
                         r.tenant_id, r.doc_id, r.chunk_index, r.doc_version, r.chunk_count,
                         bytes.fromhex(r.content_hash), r.content, r.char_start, r.char_end,
-                        r.source_uri, Jsonb(r.metadata), self._wrap(r.embedding),
+                        r.source_uri, Jsonb(r.metadata),
+                        None if r.embedding is None else self._wrap(r.embedding),
                         r.model_name, r.model_revision, r.model_backend, r.embedded_at,
-                        r.published_at,
+                        r.published_at, r.gap,
                     ))
             cur.execute(self._q(_DOCUMENTS))
             cur.execute(self._merge_sql)
             flags = [row[0] for row in cur.fetchall()]
+            gapped = 0
+            if any(r.gap for r in rows):
+                cur.execute(self._q(_GAPS))
+                gapped = max(cur.rowcount, 0)
             cur.execute(self._q(_STALE))
             stale = cur.rowcount
         inserted = sum(1 for f in flags if f)
+        chunks = sum(1 for r in rows if not r.gap)
         return MergeStats(inserted=inserted, updated=len(flags) - inserted,
-                          unchanged=len(rows) - len(flags), stale_deleted=max(stale, 0))
-
-    def _delete(self, conn: psycopg.Connection[Any], req: DeleteRequest, worker_id: str) -> int:
-        source = json.dumps({**req.source, "worker": worker_id})
-        if req.doc_id is None:
-            return self._delete_tenant(conn, req, source)
-        # The document row is the tombstone: chunks of this version or older never come back,
-        # nor (a delete without a version) chunks published before the delete (migration 0005).
-        row = conn.execute(self._q(
-            "INSERT INTO {schema}.documents AS d"
-            "  (tenant_id, doc_id, version, chunk_count, deleted, deleted_before)"
-            " VALUES (%(t)s, %(d)s, greatest(%(v)s::bigint, %(s)s::bigint), 0, true,"
-            "         CASE WHEN %(v)s::bigint IS NULL THEN %(at)s::timestamptz END)"
-            " ON CONFLICT (tenant_id, doc_id) DO UPDATE"
-            " SET deleted = true, version = greatest(d.version, EXCLUDED.version),"
-            "     deleted_before = greatest(d.deleted_before, EXCLUDED.deleted_before),"
-            "     updated_at = now()"
-            " WHERE %(v)s::bigint IS NULL OR d.version <= %(v)s::bigint"
-            " RETURNING version"),
-            {"t": req.tenant_id, "d": req.doc_id, "v": req.version, "s": req.supersedes,
-             "at": req.published_at},
-        ).fetchone()
-        applied = row is not None
-        removed = 0
-        if applied:
-            cur = conn.execute(self._q(
-                "DELETE FROM {schema}.chunks WHERE tenant_id = %s AND doc_id = %s"),
-                (req.tenant_id, req.doc_id))
-            removed = max(cur.rowcount, 0)
-        conn.execute(self._q(
-            "INSERT INTO {schema}.audit_log (action, tenant_id, doc_id, doc_version,"
-            " rows_deleted, applied, source) VALUES ('delete_document', %s, %s, %s, %s, %s, %s)"),
-            (req.tenant_id, req.doc_id, req.version, removed, applied, source))
-        return removed
-
-    def _delete_tenant(self, conn: psycopg.Connection[Any], req: DeleteRequest,
-                       source: str) -> int:
-        conn.execute(self._q(
-            "INSERT INTO {schema}.tenant_deletions (tenant_id, deleted_before) VALUES (%s, %s)"
-            " ON CONFLICT (tenant_id) DO UPDATE"
-            " SET deleted_before = greatest({schema}.tenant_deletions.deleted_before,"
-            "                               EXCLUDED.deleted_before)"),
-            (req.tenant_id, req.published_at))
-        conn.execute(self._q(
-            "UPDATE {schema}.documents SET deleted = true, updated_at = now(),"
-            " deleted_before = greatest(deleted_before, %s)"
-            " WHERE tenant_id = %s"), (req.published_at, req.tenant_id))
-        cur = conn.execute(self._q("DELETE FROM {schema}.chunks WHERE tenant_id = %s"),
-                           (req.tenant_id,))
-        removed = max(cur.rowcount, 0)
-        conn.execute(self._q(
-            "INSERT INTO {schema}.audit_log (action, tenant_id, doc_id, doc_version,"
-            " rows_deleted, applied, source) VALUES ('delete_tenant', %s, NULL, NULL, %s, true,"
-            " %s)"), (req.tenant_id, removed, source))
-        return removed
+                          unchanged=chunks - len(flags), stale_deleted=max(stale, 0),
+                          gap_deleted=gapped)
 
     def cached_vectors(
         self, hashes: Sequence[str], model: str, revision: str, backend: str,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from vecpipe.messages import HeaderLike, Headers, header_list
+from vecpipe.messages import HeaderLike, Headers, header_list, with_published_at
 
 __all__ = [
     "ERROR_PREFIXES",
@@ -81,7 +81,9 @@ def error_headers(record: RecordLike, exc: BaseException, *, stage: str, worker:
     """The record's own headers (without the error headers of an earlier failure) and this
     failure's; first-failed-at is kept across failures and replays."""
     original = header_list(record.headers())
-    kept = [(k, v) for k, v in original if not k.startswith(ERROR_PREFIXES)]
+    # The publish time is made explicit: dead-letter topics append with their own time.
+    kept = [(k, v) for k, v in with_published_at(original, record.timestamp())
+            if not k.startswith(ERROR_PREFIXES)]
     first_failed = (next((v for k, v in original if k == H_FIRST_FAILED), None)
                     or datetime.now(UTC).isoformat().encode())
     stack = "".join(traceback.format_exception(exc))[-_MAX_STACK:]
@@ -271,13 +273,15 @@ class DeadLetter:
 
 
 def replay_headers(dead: DeadLetter) -> Headers:
-    """The headers of the replayed record: the original ones, first-failed-at, replays + 1.
+    """The headers of the replayed record: the original ones (the publish time among them,
+    taken from the dead letter's timestamp if it was written without one), first-failed-at,
+    and the replay count one higher.
 
     Error headers of the last failure go (a new failure writes fresh ones); first-failed-at
     stays, so an operator sees how long a record has been failing across replays.
     """
-    kept = [(k, v) for k, v in dead.headers
-            if not k.startswith(ERROR_PREFIXES) and k != H_REPLAYS]
+    original = with_published_at(dead.headers, (1, dead.timestamp_ms or 0))
+    kept = [(k, v) for k, v in original if not k.startswith(ERROR_PREFIXES) and k != H_REPLAYS]
     first = next((v for k, v in reversed(dead.headers) if k == H_FIRST_FAILED), None)
     if first is not None:
         kept.append((H_FIRST_FAILED, first))

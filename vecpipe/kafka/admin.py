@@ -73,8 +73,11 @@ def ensure_topics(
     # record plus error headers. So a chunk that just fit the chunks topic (the broker's default
     # limit, 1 MiB) must still fit the topics after it: those take what producers send.
     large = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
-    config = {cfg.embeddings_topic: large,
-              **{t: {**large, "retention.ms": str(cfg.dlq_retention_ms)} for t in dlqs}}
+    # Dead letters append with the broker's time, so that their retention counts from the
+    # failure, not from the original publish (which travels in vecpipe.published_at).
+    dead = {**large, "retention.ms": str(cfg.dlq_retention_ms),
+            "message.timestamp.type": "LogAppendTime"}
+    config = {cfg.embeddings_topic: large, **{t: dead for t in dlqs}}
     futures = admin.create_topics(
         [NewTopic(t, num_partitions=cfg.partitions, replication_factor=cfg.replication_factor,
                   config=config.get(t, {}))

@@ -15,13 +15,13 @@ from typing import Generic, TypeVar
 from confluent_kafka import Message
 
 from vecpipe.errors import InvalidMessage, PermanentError
-from vecpipe.messages import Chunk, Delete, Embedding, decode
+from vecpipe.messages import Chunk, ChunkGap, Delete, Embedding, decode
 from vecpipe.stages.settle import Failure
 
 __all__ = ["Decoded", "DecodedBatch", "as_record_fault", "decode_batch"]
 
 T = TypeVar("T")
-Decoded = Chunk | Delete | Embedding
+Decoded = Chunk | Delete | Embedding | ChunkGap
 
 
 @dataclass

@@ -1,0 +1,188 @@
+"""Deletes: bounded by publish time, serialized against merges per tenant, audited once.
+
+Three promises (the README's "Deleting a document or a tenant" says them to users):
+
+- **Bounded in time.** A delete without a version removes what was published before it (its
+  ``vecpipe.published_at``), whatever order messages arrive in: a delete delivered late never
+  removes a version published after it, and one delivered twice changes nothing the second time.
+  A delete with a version removes that version and older ones.
+- **Holds under races.** A tenant deletion takes that tenant's lock exclusively, every merge takes
+  the locks of its batch's tenants shared, all in key order, so a writer merging a document of the
+  tenant on another partition either commits before the deletion (which then removes its rows) or
+  waits and then sees the deletion (and keeps its rows out).
+- **Never blocked by its audit.** The audit row is written in a savepoint, its text cleaned of
+  what jsonb cannot hold (U+0000); if it still fails, a minimal row is written, and if that fails
+  too the deletion stands without it. A redelivered delete writes no second row (request_key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from vecpipe.db.schema import lock_key
+from vecpipe.retry import is_transient
+
+__all__ = ["DeleteRequest", "Eraser", "lock_tenants"]
+
+
+@dataclass(frozen=True)
+class DeleteRequest:
+    """A document (``doc_id``) or tenant deletion, with its message's provenance for the audit."""
+
+    tenant_id: str
+    doc_id: str | None
+    version: int | None
+    published_at: datetime
+    source: dict[str, Any] = field(default_factory=dict)
+    # The highest version of this document whose chunks came before the delete in its batch and
+    # were dropped unmerged: the tombstone records it, as if they had been merged first.
+    supersedes: int = 0
+
+    @property
+    def request_key(self) -> str:
+        """The same delete, however often it is delivered or replayed, has the same key."""
+        src = self.source
+        ident = [self.tenant_id, self.doc_id, self.version, self.published_at.isoformat(),
+                 src.get("requested_at"), src.get("reason")]
+        return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()
+
+
+def lock_tenants(conn: psycopg.Connection[Any], schema: str, shared: Iterable[str],
+                 exclusive: Iterable[str]) -> None:
+    """Take the transaction's per-tenant locks, in key order (so that two writers never wait for
+    each other in a cycle): exclusive for tenants being deleted, shared for the others."""
+    strong = set(exclusive)
+    wanted = {lock_key("tenant", f"{schema}/{t}"): t in strong for t in {*shared, *strong}}
+    if not wanted:
+        return
+    keys = sorted(wanted)
+    # Volatile functions in the select list run after the sort: the locks are taken in key order.
+    conn.execute(
+        "SELECT CASE WHEN x THEN pg_advisory_xact_lock(k) ELSE pg_advisory_xact_lock_shared(k) END"
+        " FROM unnest(%s::bigint[], %s::boolean[]) AS u(k, x) ORDER BY k",
+        (keys, [wanted[k] for k in keys]))
+
+
+def _clean(value: Any) -> Any:
+    """``value`` with U+0000, which jsonb cannot hold, replaced by U+FFFD in every string."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, Mapping):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+# A document delete. Without a version, the document is deleted only if its stored version was
+# published before the delete; deleted_before moves in any case. With one, versions up to it go.
+_DELETE_DOCUMENT = """
+INSERT INTO {schema}.documents AS d
+    (tenant_id, doc_id, version, chunk_count, deleted, deleted_before, published_at)
+VALUES (%(t)s, %(d)s, greatest(%(v)s::bigint, %(s)s::bigint), 0, true,
+        CASE WHEN %(v)s::bigint IS NULL THEN %(at)s::timestamptz END, NULL)
+ON CONFLICT (tenant_id, doc_id) DO UPDATE
+SET deleted = CASE WHEN %(v)s::bigint IS NULL
+                   THEN d.deleted OR d.published_at IS NULL OR d.published_at <= %(at)s
+                   ELSE true END,
+    version = greatest(d.version, EXCLUDED.version),
+    deleted_before = greatest(d.deleted_before, EXCLUDED.deleted_before),
+    updated_at = now()
+WHERE %(v)s::bigint IS NULL OR d.version <= %(v)s::bigint
+RETURNING deleted
+"""
+
+# A tenant deletion: its documents whose stored version was published before it are deleted.
+_DELETE_TENANT = """
+WITH cut AS (
+    INSERT INTO {schema}.tenant_deletions AS t (tenant_id, deleted_before) VALUES (%(t)s, %(at)s)
+    ON CONFLICT (tenant_id) DO UPDATE
+    SET deleted_before = greatest(t.deleted_before, EXCLUDED.deleted_before)
+)
+UPDATE {schema}.documents
+SET deleted = deleted OR published_at IS NULL OR published_at <= %(at)s,
+    deleted_before = greatest(deleted_before, %(at)s), updated_at = now()
+WHERE tenant_id = %(t)s
+"""
+
+_DELETE_TENANT_CHUNKS = """
+DELETE FROM {schema}.chunks c
+USING {schema}.documents d
+WHERE c.tenant_id = %(t)s AND d.tenant_id = %(t)s AND d.doc_id = c.doc_id
+  AND (d.published_at IS NULL OR d.published_at <= %(at)s)
+"""
+
+_AUDIT = """
+INSERT INTO {schema}.audit_log
+    (action, tenant_id, doc_id, doc_version, rows_deleted, applied, source, request_key)
+VALUES (%(action)s, %(t)s, %(d)s, %(v)s, %(removed)s, %(applied)s, %(source)s, %(key)s)
+ON CONFLICT (request_key) DO NOTHING
+"""
+
+
+class Eraser:
+    """Applies deletes inside the writer's transaction (see the module docstring)."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        self._schema = sql.Identifier(schema)
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(schema=self._schema)
+
+    def apply(self, conn: psycopg.Connection[Any], deletes: Sequence[DeleteRequest],
+              worker_id: str) -> int:
+        """Apply ``deletes`` in order of tenant and document; return the chunk rows removed."""
+        removed = 0
+        for req in sorted(deletes, key=lambda r: (r.tenant_id, r.doc_id or "")):
+            removed += (self._tenant(conn, req, worker_id) if req.doc_id is None
+                        else self._document(conn, req, worker_id))
+        return removed
+
+    def _document(self, conn: psycopg.Connection[Any], req: DeleteRequest,
+                  worker_id: str) -> int:
+        params = {"t": req.tenant_id, "d": req.doc_id, "v": req.version,
+                  "s": req.supersedes, "at": req.published_at}
+        row = conn.execute(self._q(_DELETE_DOCUMENT), params).fetchone()
+        applied = row is not None and bool(row[0])
+        removed = 0
+        if applied:
+            cur = conn.execute(self._q(
+                "DELETE FROM {schema}.chunks WHERE tenant_id = %s AND doc_id = %s"),
+                (req.tenant_id, req.doc_id))
+            removed = max(cur.rowcount, 0)
+        self._audit(conn, "delete_document", req, removed, applied, worker_id)
+        return removed
+
+    def _tenant(self, conn: psycopg.Connection[Any], req: DeleteRequest, worker_id: str) -> int:
+        params = {"t": req.tenant_id, "at": req.published_at}
+        conn.execute(self._q(_DELETE_TENANT), params)
+        removed = max(conn.execute(self._q(_DELETE_TENANT_CHUNKS), params).rowcount, 0)
+        self._audit(conn, "delete_tenant", req, removed, True, worker_id)
+        return removed
+
+    def _audit(self, conn: psycopg.Connection[Any], action: str, req: DeleteRequest,
+               removed: int, applied: bool, worker_id: str) -> None:
+        source = _clean({**req.source, "worker": worker_id,
+                         "published_at": req.published_at.isoformat()})
+        params = {"action": action, "t": req.tenant_id, "d": req.doc_id, "v": req.version,
+                  "removed": removed, "applied": applied, "key": req.request_key}
+        minimal = {k: source.get(k) for k in ("topic", "partition", "offset", "worker")}
+        for attempt in (source, minimal):
+            try:
+                with conn.transaction():
+                    conn.execute(self._q(_AUDIT), {**params, "source": json.dumps(attempt)})
+                return
+            except psycopg.Error as exc:
+                if is_transient(exc):
+                    raise
+                minimal["audit_error"] = str(exc).strip().splitlines()[0][:300]
+        # Both failed: the deletion stands without its audit row, rather than not at all.
