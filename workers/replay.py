@@ -30,7 +30,7 @@ from confluent_kafka import (
 
 from vecpipe.config import Config
 from vecpipe.deadletter.headers import DeadLetter, replay_headers
-from vecpipe.deadletter.select import Decision, Filters, decide, source_topic
+from vecpipe.deadletter.select import Decision, ErasedCheck, Filters, decide, source_topic
 from vecpipe.errors import ReplayError
 from vecpipe.kafka.admin import admin_client, committed_offsets, topic_partitions, watermarks
 from vecpipe.kafka.consumer import StopFlag
@@ -67,6 +67,9 @@ class ReplayOptions:
     limit: int | None = None
     rate: float | None = None
     from_beginning: bool = False
+    # Which records a later deletion covers (asked of the database): they are never sent again,
+    # so that erased text does not spread back into the pipeline's topics.
+    erased: ErasedCheck | None = None
 
 
 @dataclass
@@ -229,6 +232,20 @@ def replay(
         consumer.close()
 
 
+def _decisions(deads: list[DeadLetter], cfg: Config, opts: ReplayOptions,
+               source: str | None) -> list[tuple[Decision, str | None]]:
+    """The decision and target of each record, a later deletion's cover included."""
+    gone = opts.erased(deads) if opts.erased is not None and deads else set()
+    out: list[tuple[Decision, str | None]] = []
+    for i, dead in enumerate(deads):
+        decision, target = decide(dead, opts.filters, cfg.dead_letter.max_replays, opts.to,
+                                  source)
+        if i in gone and decision is Decision.REPLAY:
+            decision, target = Decision.SKIP_ERASED, None
+        out.append((decision, target))
+    return out
+
+
 def _dry_run(consumer: Consumer, cfg: Config, topic: str, opts: ReplayOptions,
              starts: dict[int, int], ends: dict[int, int], summary: ReplaySummary,
              stop: StopFlag, on_record: OnRecord | None, targets: _Targets) -> None:
@@ -238,8 +255,8 @@ def _dry_run(consumer: Consumer, cfg: Config, topic: str, opts: ReplayOptions,
         return
     for msg in read_range(consumer, topic, starts, ends, stop=stop):
         dead = DeadLetter.of(msg)
-        decision, target = decide(dead, opts.filters, cfg.dead_letter.max_replays, opts.to,
-                                  source_topic(topic, cfg.kafka.dlq_suffix))
+        [(decision, target)] = _decisions([dead], cfg, opts,
+                                          source_topic(topic, cfg.kafka.dlq_suffix))
         problem = targets.problem(dead, target) if target is not None else None
         if problem is not None:
             summary.ended, summary.halt_reason = "halted", problem
@@ -372,6 +389,9 @@ class _Replayer:
         """Decide and send one batch, flush, then commit; return why it must halt, if it must."""
         progress: dict[int, int] = {}
         halt: str | None = None
+        deads = {id(m): DeadLetter.of(m) for m in msgs if m.error() is None}
+        decided = dict(zip(deads, _decisions(list(deads.values()), self.cfg, self.opts,
+                                             self.source), strict=True))
         for msg in msgs:
             err = msg.error()
             p = msg.partition() or 0
@@ -391,9 +411,8 @@ class _Replayer:
                 continue
             if self.stop.is_set() or self._limit_reached():
                 break
-            dead = DeadLetter.of(msg)
-            decision, target = decide(dead, self.opts.filters, self.cfg.dead_letter.max_replays,
-                                      self.opts.to, self.source)
+            dead = deads[id(msg)]
+            decision, target = decided[id(msg)]
             if target is not None:
                 halt = self.targets.problem(dead, target)
                 if halt is not None:

@@ -15,7 +15,9 @@ import pytest
 from producers.publisher import Publisher
 from tests.helpers import read_topic, run_cli, run_stage
 from vecpipe.config import with_section
-from vecpipe.db.pool import connect
+from vecpipe.db.erase import DeleteRequest
+from vecpipe.db.pool import connect, make_pool
+from vecpipe.db.store import Store
 from vecpipe.deadletter.headers import (
     H_CLASS,
     H_FIRST_FAILED,
@@ -469,3 +471,26 @@ def test_a_replay_is_sent_anew_and_keeps_the_publish_time_in_its_header(cfg: Any
     assert sorted(int(published_at(m.headers(), (0, 0)).timestamp() * 1000) for m in out) == (
         sorted(texts.values()))
     assert all(m.timestamp()[1] >= now_ms for m in out)
+
+
+def test_dead_letters_a_later_deletion_covers_are_neither_shown_nor_replayed(
+        migrated: Any) -> None:
+    """Erasure reaches the dead-letter topics: a record of a document deleted after it failed is
+    left out of dlq inspect (only counted) and skipped by dlq replay, so that deleted text is not
+    spread back into the pipeline; the others are listed and replayed as usual."""
+    cfg = migrated
+    dlq = dead_letter(cfg, failed_chunks(cfg, {"kept": "text to keep", "erased": "erase me"}))
+    pool = make_pool(cfg.database)
+    try:
+        Store(cfg, pool).apply([], [DeleteRequest("default", "erased", None, datetime.now(UTC),
+                                                  {"reason": "gdpr"})])
+    finally:
+        pool.close()
+    proc = run_cli(cfg, "dlq", "inspect", "chunks", "--json")
+    assert [json.loads(line)["key"] for line in proc.stdout.splitlines()] == ["default/kept"]
+    assert "1 record(s) are covered by a later deletion" in proc.stderr
+    summary = replay_cli(cfg, dlq)
+    assert (summary["replayed"], summary["skipped_erased"]) == (1, 1)
+    replayed = [m for m in read_topic(cfg, cfg.kafka.chunks_topic)
+                if header_value(m.headers(), H_REPLAYS) is not None]
+    assert [m.key() for m in replayed] == [b"default/kept"]

@@ -31,6 +31,7 @@ from vecpipe.deadletter.select import (
     Decision,
     Filters,
     decide,
+    erasure_probe,
     format_age,
     parse_key_pattern,
     parse_offsets,
@@ -350,3 +351,17 @@ def test_a_replayed_record_keeps_its_publish_time_in_its_header() -> None:
         *ORIGINAL_HEADERS, ("vecpipe.published_at", b"2020-01-01T00:00:00+00:00")]))
     times = [v for k, v in replay_headers(stamped) if k == "vecpipe.published_at"]
     assert times == [b"2020-01-01T00:00:00+00:00"]
+
+
+def test_a_dead_letter_names_what_a_deletion_would_have_to_cover() -> None:
+    """Tenant and document from the key, version from the value when it reads, publish time
+    from the header (else the timestamp); a delete, or a key without a tenant, is no content."""
+    chunk = DeadLetter.of(chunk_record(value_=b'{"version": 7}', headers_=[
+        *ORIGINAL_HEADERS, ("vecpipe.published_at", b"2024-05-01T00:00:00+00:00")]))
+    assert erasure_probe(chunk) == ("acme", "doc-7", 7, datetime(2024, 5, 1, tzinfo=UTC))
+    garbled = DeadLetter.of(chunk_record(value_=b"{broken"))
+    assert erasure_probe(garbled) == ("acme", "doc-7", None,
+                                      datetime(2024, 4, 30, 18, 0, tzinfo=UTC))
+    delete = DeadLetter.of(chunk_record(headers_=[("vecpipe.schema", b"vecpipe.delete")]))
+    assert erasure_probe(delete) is None
+    assert erasure_probe(DeadLetter.of(chunk_record(key_=b"no-slash"))) is None

@@ -7,14 +7,16 @@ operator picked back to their original topic (see ``workers.replay`` for its gua
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from vecpipe.cli.common import (
+    add_db_flags,
     add_kafka_flags,
     config_from_args,
     parse_time,
@@ -23,11 +25,11 @@ from vecpipe.cli.common import (
     positive_int,
 )
 from vecpipe.config import Config
-from vecpipe.errors import CommandError
+from vecpipe.errors import CommandError, Unreachable
 
 if TYPE_CHECKING:
     from vecpipe.deadletter.headers import DeadLetter
-    from vecpipe.deadletter.select import Decision, Filters
+    from vecpipe.deadletter.select import Decision, ErasedCheck, Filters
     from vecpipe.kafka.consumer import StopFlag
     from workers.replay import ReplaySummary
 
@@ -77,6 +79,7 @@ def register(subparsers: Any) -> None:
                     "Reads without a consumer group: nothing is committed or disturbed.")
     p.add_argument("topic", metavar="TOPIC")
     add_kafka_flags(p)
+    add_db_flags(p)
     p.add_argument("--json", action="store_true",
                    help="one JSON object per record on stdout; the counts go to stderr")
     p.add_argument("--follow", "-f", action="store_true",
@@ -96,6 +99,7 @@ def register(subparsers: Any) -> None:
                     "resume. Stops at the end of the topic as of the start.")
     p.add_argument("topic", metavar="TOPIC")
     add_kafka_flags(p)
+    add_db_flags(p)
     p.add_argument("--to", metavar="TOPIC", help="send here instead of the original topic")
     p.add_argument("--group", help="consumer group keeping the progress "
                                    "(default vecpipe-dlq-replay.<dead-letter topic>)")
@@ -172,6 +176,55 @@ def _stop_flag() -> StopFlag:
     return stop
 
 
+@contextlib.contextmanager
+def _erasure_check(cfg: Config, *, required: bool) -> Iterator[ErasedCheck | None]:
+    """Which dead letters a later deletion covers, asked of the pipeline's database. Without
+    the database, inspect says so and shows everything; replay refuses (it must not send
+    erased text back into the topics)."""
+    import psycopg
+
+    from vecpipe.db.erase import erased
+    from vecpipe.db.pool import connect
+    from vecpipe.deadletter.select import erasure_probe
+
+    try:
+        conn = connect(cfg.database, vector_types=False, autocommit=True)
+    except Unreachable as exc:
+        if required:
+            raise Unreachable(f"{exc} Replay checks deletions there before it sends a record."
+                              ) from None
+        print(f"vecpipe dlq: {exc} Records a later deletion covers are shown too.",
+              file=sys.stderr)
+        yield None
+        return
+
+    unmigrated: list[bool] = []
+
+    def check(deads: Sequence[DeadLetter]) -> set[int]:
+        probes = [(i, p) for i, d in enumerate(deads) if (p := erasure_probe(d)) is not None]
+        if unmigrated:
+            return set()
+        try:
+            hits = erased(conn, cfg.database.schema, [p for _, p in probes])
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+            # No tables, so no deletion was ever recorded there: nothing is covered.
+            print(f"vecpipe dlq: schema {cfg.database.schema!r} (VECPIPE_DB_SCHEMA) has no "
+                  "pipeline tables, so no deletions to check.", file=sys.stderr)
+            unmigrated.append(True)
+            return set()
+        except psycopg.Error as exc:
+            raise CommandError(
+                f"cannot read the deletions of schema {cfg.database.schema!r} "
+                f"(database.schema, VECPIPE_DB_SCHEMA): {str(exc).strip().splitlines()[0]}"
+            ) from None
+        return {probes[j][0] for j in hits}
+
+    try:
+        yield check
+    finally:
+        conn.close()
+
+
 def _quiet_broken_pipe(run: Callable[[], int]) -> int:
     """``vecpipe dlq inspect ... | head`` ends quietly when the reader goes away."""
     try:
@@ -200,9 +253,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         stop = _stop_flag()
         if not args.json:
             _out(table_header())
-        summary = inspect(cfg.kafka, topic, filters=filters, limit=args.limit,
-                          follow=args.follow, max_replays=cfg.dead_letter.max_replays,
-                          stop=stop, emit=emit)
+        with _erasure_check(cfg, required=False) as erased:
+            summary = inspect(cfg.kafka, topic, filters=filters, limit=args.limit,
+                              follow=args.follow, max_replays=cfg.dead_letter.max_replays,
+                              stop=stop, emit=emit, erased=erased)
         lines = render_summary(summary, filters, cfg.dead_letter.max_replays, args.limit)
         for line in lines if not args.json else lines[1:]:
             print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -296,12 +350,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     def run() -> int:
         topic = resolve_topic(cfg, args.topic)
-        opts = ReplayOptions(filters=_filters(args), to=args.to,
-                             group=args.group or default_group(topic), dry_run=args.dry_run,
-                             limit=args.limit, rate=args.rate,
-                             from_beginning=args.from_beginning)
-        summary = replay(cfg, topic, opts, stop=_stop_flag(), log=get_logger(),
-                         on_record=on_record)
+        with _erasure_check(cfg, required=True) as erased:
+            opts = ReplayOptions(filters=_filters(args), to=args.to,
+                                 group=args.group or default_group(topic),
+                                 dry_run=args.dry_run, limit=args.limit, rate=args.rate,
+                                 from_beginning=args.from_beginning, erased=erased)
+            summary = replay(cfg, topic, opts, stop=_stop_flag(), log=get_logger(),
+                             on_record=on_record)
         if args.json:
             _out(json.dumps({"summary": summary.to_json()}))
         else:

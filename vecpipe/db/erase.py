@@ -30,7 +30,7 @@ from psycopg import sql
 from vecpipe.db.schema import lock_key
 from vecpipe.retry import is_transient
 
-__all__ = ["DeleteRequest", "Eraser", "lock_tenants"]
+__all__ = ["DeleteRequest", "Eraser", "Probe", "erased", "lock_tenants"]
 
 
 @dataclass(frozen=True)
@@ -186,3 +186,29 @@ class Eraser:
                     raise
                 minimal["audit_error"] = str(exc).strip().splitlines()[0][:300]
         # Both failed: the deletion stands without its audit row, rather than not at all.
+
+
+# What a deletion covers: a record published before its tenant's deletion, before its
+# document's deletion, or (a versioned delete) of a version the tombstone reaches.
+_ERASED = """
+SELECT r.i FROM unnest(%(t)s::text[], %(d)s::text[], %(v)s::bigint[], %(p)s::timestamptz[])
+     WITH ORDINALITY AS r(t, d, v, p, i)
+LEFT JOIN {schema}.tenant_deletions td ON td.tenant_id = r.t
+LEFT JOIN {schema}.documents doc ON doc.tenant_id = r.t AND doc.doc_id = r.d
+WHERE r.p <= td.deleted_before OR r.p <= doc.deleted_before
+   OR (doc.deleted AND r.v <= doc.version)
+"""
+
+# (tenant, document or None, version or None, published at) of one record.
+Probe = tuple[str, str | None, int | None, datetime]
+
+
+def erased(conn: psycopg.Connection[Any], schema: str, probes: Sequence[Probe]) -> set[int]:
+    """The positions in ``probes`` of the records a deletion recorded in ``schema`` covers:
+    the dead-letter tools leave those records out, so that erased text is not spread again."""
+    if not probes:
+        return set()
+    t, d, v, p = zip(*probes, strict=True)
+    rows = conn.execute(sql.SQL(_ERASED).format(schema=sql.Identifier(schema)),
+                        {"t": list(t), "d": list(d), "v": list(v), "p": list(p)}).fetchall()
+    return {int(r[0]) - 1 for r in rows}

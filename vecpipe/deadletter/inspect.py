@@ -15,7 +15,7 @@ from datetime import datetime
 
 from vecpipe.config import KafkaConfig
 from vecpipe.deadletter.headers import DeadLetter
-from vecpipe.deadletter.select import Filters, format_age
+from vecpipe.deadletter.select import ErasedCheck, Filters, format_age
 from vecpipe.kafka.admin import topic_partitions, watermarks
 from vecpipe.kafka.reader import StopLike, read_range, reader
 
@@ -29,6 +29,10 @@ __all__ = [
 ]
 
 
+# Records asked of the database at once, whether a later deletion covers them.
+_ERASED_BATCH = 200
+
+
 @dataclass
 class InspectSummary:
     """What ``dlq inspect`` saw."""
@@ -40,16 +44,21 @@ class InspectSummary:
     by_class: Counter[str] = field(default_factory=Counter)
     by_stage: Counter[str] = field(default_factory=Counter)
     max_replays_reached: int = 0
+    # Covered by a later deletion: neither listed nor counted above.
+    erased: int = 0
 
 
 def inspect(
     kafka: KafkaConfig, topic: str, *, filters: Filters, limit: int | None, follow: bool,
     max_replays: int, stop: StopLike, emit: Callable[[DeadLetter], None],
+    erased: ErasedCheck | None = None,
 ) -> InspectSummary:
     """Read ``topic`` from its start to its current end (or on, with ``follow``).
 
     ``emit`` gets the records that pass ``filters``, at most ``limit`` of them; the counts cover
     every matching record up to the end. With ``follow``, ``limit`` ends the command instead.
+    Records that ``erased`` says a later deletion covers are only counted (``erased``): their
+    text is not shown again.
     """
     consumer = reader(kafka, "dlq-inspect")
     try:
@@ -61,19 +70,36 @@ def inspect(
         starts = {p: max(lo, filters.offsets[0]) if filters.offsets else lo
                   for p, (lo, _) in marks.items()}
         ends = {p: h for p, (_, h) in marks.items()}
+        batch: list[DeadLetter] = []
+
+        def settle() -> bool:
+            """Count and list the batch; False once --limit ends a --follow."""
+            gone = erased(batch) if erased is not None and batch else set()
+            for i, dead in enumerate(batch):
+                if i in gone:
+                    summary.erased += 1
+                    continue
+                summary.matched += 1
+                summary.by_class[dead.error_class or "?"] += 1
+                summary.by_stage[dead.stage or "?"] += 1
+                summary.max_replays_reached += dead.replays >= max_replays
+                if limit is None or summary.listed < limit:
+                    summary.listed += 1
+                    emit(dead)
+                elif follow:
+                    return False
+            batch.clear()
+            return True
+
         for msg in read_range(consumer, topic, starts, ends, stop=stop, follow=follow):
             dead = DeadLetter.of(msg)
-            if not filters.matches(dead):
-                continue
-            summary.matched += 1
-            summary.by_class[dead.error_class or "?"] += 1
-            summary.by_stage[dead.stage or "?"] += 1
-            summary.max_replays_reached += dead.replays >= max_replays
-            if limit is None or summary.listed < limit:
-                summary.listed += 1
-                emit(dead)
-            elif follow:
-                break
+            if filters.matches(dead):
+                batch.append(dead)
+            # Asked in batches, so that checking deletions costs one query per few hundred;
+            # a --follow shows each record as it arrives.
+            if (follow or len(batch) >= _ERASED_BATCH) and not settle():
+                return summary
+        settle()
         return summary
     finally:
         consumer.close()
@@ -128,6 +154,9 @@ def render_summary(s: InspectSummary, filters: Filters, max_replays: int,
         for cls, n in s.by_class.most_common():
             lines.append(f"  {str(n).rjust(width)}  {cls}")
         lines.append("by stage: " + ", ".join(f"{st} {n}" for st, n in s.by_stage.most_common()))
+    if s.erased:
+        lines.append(f"{s.erased} record(s) are covered by a later deletion and not shown; "
+                     "replay skips them, and the topic's retention removes them.")
     if s.max_replays_reached:
         lines.append(f"{s.max_replays_reached} record(s) were already replayed {max_replays} "
                      "time(s) (dead_letter.max_replays); replay skips them, fix their cause "

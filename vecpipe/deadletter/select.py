@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import json
 import re
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from vecpipe.deadletter.headers import DeadLetter
-from vecpipe.errors import CommandError
+from vecpipe.errors import CommandError, InvalidMessage
+from vecpipe.messages import DELETE, SCHEMA_HEADER, header_value, published_at
 
 __all__ = [
     "Decision",
+    "ErasedCheck",
     "Filters",
     "decide",
+    "erasure_probe",
     "format_age",
     "parse_key_pattern",
     "parse_offsets",
@@ -122,6 +127,40 @@ class Decision(enum.Enum):
     SKIP_NO_ORIGIN = "skipped_no_origin"
     SKIP_TRUNCATED = "skipped_truncated"
     SKIP_ERASED = "skipped_erased"
+
+
+# Told the records of a batch, a checker answers which positions a later deletion covers.
+ErasedCheck = Callable[[Sequence[DeadLetter]], set[int]]
+
+
+def erasure_probe(dead: DeadLetter) -> tuple[str, str | None, int | None, datetime] | None:
+    """What a deletion would have to cover to erase ``dead``: its tenant and document (from the
+    key), version (from the value, when it can be read) and publish time; None for a record
+    that is no document's content (a delete, a key without a tenant)."""
+    if header_value(dead.headers, SCHEMA_HEADER) == DELETE or not dead.key:
+        return None
+    tenant, slash, doc = dead.key_text.partition("/")
+    if not slash or not tenant:
+        return None
+    try:
+        published = published_at(dead.headers, (1, dead.timestamp_ms or 0))
+    except InvalidMessage:
+        published = datetime.fromtimestamp((dead.timestamp_ms or 0) / 1000, UTC)
+    return tenant, doc or None, _version_of(dead.value), published
+
+
+def _version_of(value: bytes | None) -> int | None:
+    """The ``version`` of a chunk or embedding value, if it reads as one; else None."""
+    if not value:
+        return None
+    try:
+        if value[:1] != b"{":  # an embedding: a length-prefixed JSON block, then the vector
+            (size,) = struct.unpack_from(">I", value)
+            value = value[4:4 + size]
+        version = json.loads(value).get("version")
+    except Exception:  # a dead letter is often unreadable: that is why it is here
+        return None
+    return version if isinstance(version, int) and 0 <= version < 2**63 else None
 
 
 def source_topic(dlq_topic: str, suffix: str) -> str | None:
