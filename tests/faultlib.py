@@ -64,7 +64,10 @@ DocState = tuple[int, int, bool]  # version, chunk count, deleted
 # -- corpus ------------------------------------------------------------------------------------
 
 def line_chunker(doc: Document) -> list[Chunk]:
-    """One chunk per line: short texts, fast to embed, with chunk boundaries the test controls."""
+    """One chunk per line: short texts, fast to embed, with chunk boundaries the test controls
+    (an empty document has none)."""
+    if not doc.content:
+        return []
     lines = doc.content.split("\n")
     out: list[Chunk] = []
     pos = 0

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ from tests.faultlib import (
     WorkerExited,
     WorkerProcess,
     committed_lag,
+    line_chunker,
     native_home,
     restart_kafka,
     restart_postgres,
@@ -73,19 +75,23 @@ from vecpipe.deadletter.headers import (
 )
 from vecpipe.errors import Unreachable
 from vecpipe.kafka.admin import ensure_topics
+from vecpipe.kafka.producer import DurableProducer
 from vecpipe.messages import (
     CHUNK,
     DELETE,
     DOCUMENT,
     EMBEDDING,
     Chunk,
+    Delete,
     Document,
     Embedding,
     content_hash,
     document_key,
     encode_chunk,
+    encode_delete,
     encode_embedding,
     header_value,
+    published_header,
     schema_headers,
 )
 
@@ -915,6 +921,157 @@ def test_replaying_dead_letters_twice_lands_each_once_and_never_beats_a_newer_ve
 
 
 # -- soak ------------------------------------------------------------------------------------------
+
+# -- deletions under races -------------------------------------------------------------------------
+
+def test_deletions_hold_under_races_late_deliveries_and_redeliveries(
+    migrated: Any, encoder: Any, fault_log: FaultLog
+) -> None:
+    """Invariant 11 with two writers: a tenant deleted while its new documents merge on other
+    partitions keeps none published before the deletion (and all published after it); a delete
+    re-sent after a newer version
+    removes nothing; a delete delivered twice is audited once; a NUL in a reason blocks nothing;
+    a version without content replaces the one before it."""
+    cfg = fast_group(migrated)
+    ensure_topics(cfg.kafka)
+    members = [ThreadWorker("embed", cfg, encoder=LockedEncoder(encoder)),
+               ThreadWorker("write", cfg), ThreadWorker("write", cfg)]
+    racy = [Document("racy", f"doc{i:03d}", f"racy {i} one\nracy {i} two", version=1)
+            for i in range(60)]
+    steady = [Document("steady", f"doc{i:03d}", f"steady {i}", version=1) for i in range(20)]
+    raw = DurableProducer(cfg.kafka)
+    try:
+        with Publisher(cfg, chunker=line_chunker) as pub:
+            for doc in steady:
+                pub.publish(doc)
+            # The tenant's documents and its deletion race: the deletion is published while
+            # the first ones are being merged by two writers, on every partition.
+            for i, doc in enumerate(racy):
+                pub.publish(doc)
+                if i == 30:
+                    pub.flush()
+                    wait_until(lambda: any(t == "racy" for t, *_ in stored_rows(cfg)), 120,
+                               "the first documents of the racy tenant")
+                    pub.delete_tenant("racy", reason="contract ended")
+                    fault_log.fault("tenant deletions racing merges")
+            # A late delete: published, then a newer version, then the delete arrives again
+            # (a producer's re-send after an outage), and once more (a redelivery).
+            pub.publish(Document("steady", "late", "late version one", version=1))
+            pub.flush()
+            late = Delete("steady", "late", reason="late")
+            late_value, late_headers = encode_delete(late), [*schema_headers(DELETE),
+                                                             published_header()]
+            time.sleep(0.01)
+            pub.publish(Document("steady", "late", "late version two", version=2))
+            for _ in range(3):
+                raw.produce(cfg.kafka.chunks_topic, late_value, key=late.key,
+                            headers=late_headers)
+            raw.flush()
+            fault_log.fault("late and redelivered deletes", 3)
+            pub.publish(Document("steady", "nul", "deleted with a NUL", version=1))
+            pub.delete("steady", "nul", reason="ticket\x00 42")
+            pub.publish(Document("steady", "emptied", "there, then empty", version=1))
+            pub.publish(Document("steady", "emptied", "", version=2))
+        expected = {("steady", d.doc_id, 0, 1, content_hash(d.content)) for d in steady}
+        expected.add(("steady", "late", 0, 2, content_hash("late version two")))
+        # The racy tenant's documents published after its deletion are its new content.
+        expected |= {("racy", c.doc_id, c.chunk_index, 1, c.content_hash)
+                     for d in racy[31:] for c in line_chunker(d)}
+        try:
+            wait_until(lambda: set(stored_rows(cfg)) == expected, 240, "the exact rows")
+        except AssertionError:
+            found = set(stored_rows(cfg))
+            raise AssertionError(f"missing {sorted(expected - found)[:5]}, unexpected "
+                                 f"{sorted(found - expected)[:5]}") from None
+        codes = [m.stop() for m in members]
+    finally:
+        for m in members:
+            if m.alive:
+                m.flag.set()
+    assert codes == [0, 0, 0]
+    rows = stored_rows(cfg)
+    assert len(rows) == len(set(rows)) and set(rows) == expected
+    with connect(cfg.database) as conn:
+        audits = conn.execute("SELECT action, doc_id, applied FROM audit_log"
+                              " ORDER BY action, doc_id").fetchall()
+    # One row per request, however often it was delivered: the tenant, the late delete (it
+    # removed version 1 if it met it, never version 2), the NUL one, the empty version.
+    assert [(a, d) for a, d, _ in audits] == [
+        ("delete_document", "emptied"), ("delete_document", "late"), ("delete_document", "nul"),
+        ("delete_tenant", None)]
+    assert [applied for a, d, applied in audits if d != "late"] == [True, True, True]
+    fault_log.note(messages_in=topic_count(cfg, cfg.kafka.chunks_topic),
+                   messages_out=topic_count(cfg, cfg.kafka.embeddings_topic),
+                   rows_expected=len(expected), rows_found=len(rows), dead_letters=sum(
+                       topic_count(cfg, cfg.kafka.dlq_topic(t))
+                       for t in (cfg.kafka.chunks_topic, cfg.kafka.embeddings_topic)),
+                   audit_rows=len(audits), verdict="exact")
+
+
+# -- memory at the size caps -----------------------------------------------------------------------
+
+# What a worker may reach with records at the size caps; the README says so, and the Helm chart's
+# memory limits (embed 4Gi, write 1Gi) leave room above them.
+EMBED_PEAK_BOUND = 2 * 2**30
+WRITE_PEAK_BOUND = 512 * 2**20
+
+
+def peak_rss(proc: subprocess.Popen[bytes]) -> Callable[[], int]:
+    """Sample the process's peak resident set (VmHWM) until it exits; call for the peak seen."""
+    peak = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+
+    def result() -> int:
+        thread.join(600)
+        return peak[0]
+
+    return result
+
+
+def test_records_at_the_size_caps_keep_each_worker_under_its_memory_bound(
+    migrated: Any, fault_log: FaultLog, tmp_path: Path
+) -> None:
+    """Batches are bounded in bytes: a flood of the largest records the caps allow (100,000
+    characters of text and metadata just under 64 KiB each) keeps the embed and the write worker
+    under their memory bounds, and every record lands exactly."""
+    cfg = migrated
+    ensure_topics(cfg.kafka)
+    meta = {f"f{i:04d}": "v" * 40 for i in range(1_200)}
+    docs = [Document("big", f"doc{i:03d}", f"record {i} " + "abcdefghij" * 9_998,
+                     version=1, metadata=meta) for i in range(400)]
+    with Publisher(cfg, chunker=lambda d: [Chunk(d.tenant_id, d.doc_id, 1, 0, 1, d.content,
+                                                 content_hash(d.content), 0, len(d.content),
+                                                 metadata=dict(d.metadata))]) as pub:
+        for doc in docs:
+            pub.publish(doc)
+    fault_log.fault("records at the size caps", len(docs))
+    peaks: dict[str, int] = {}
+    for stage in ("embed", "write"):
+        worker = WorkerProcess.start(cfg, stage, tmp_path, "--until-idle", "5")
+        peak = peak_rss(worker.proc)
+        assert worker.proc.wait(900) == 0, worker.tail()
+        peaks[stage] = peak()
+    expected = {("big", d.doc_id, 0, 1, content_hash(d.content)) for d in docs}
+    rows = stored_rows(cfg)
+    assert set(rows) == expected and len(rows) == len(expected)
+    fault_log.note(messages_in=topic_count(cfg, cfg.kafka.chunks_topic),
+                   messages_out=topic_count(cfg, cfg.kafka.embeddings_topic),
+                   rows_expected=len(expected), rows_found=len(rows), dead_letters=0,
+                   embed_peak_rss_mib=peaks["embed"] // 2**20,
+                   write_peak_rss_mib=peaks["write"] // 2**20, verdict="exact")
+    assert peaks["embed"] < EMBED_PEAK_BOUND, f"embed peaked at {peaks['embed'] // 2**20} MiB"
+    assert peaks["write"] < WRITE_PEAK_BOUND, f"write peaked at {peaks['write'] // 2**20} MiB"
+
 
 @pytest.mark.soak
 @pytest.mark.skipif(not SOAK, reason="the soak run needs VECPIPE_SOAK=1")
