@@ -16,7 +16,7 @@ import struct
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "DOCUMENT",
     "EMBEDDING",
     "GAP",
+    "MAX_CLOCK_SKEW",
     "MAX_DEPTH",
     "MAX_METADATA_BYTES",
     "MAX_VALUE_BYTES",
@@ -317,6 +318,10 @@ def schema_headers(name: str, version: int = 1) -> Headers:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# How far ahead of this machine's clock a publish time may be. A time further ahead is a wrong
+# clock, and would let a delete hold off every later version (or a version outlive every delete)
+# until that time: such a record is refused, and can be replayed once the time has passed.
+MAX_CLOCK_SKEW = timedelta(hours=1)
 
 
 def published_header(when: datetime | None = None) -> tuple[str, bytes]:
@@ -329,7 +334,8 @@ def published_at(headers: HeaderLike, timestamp: tuple[int, int]) -> datetime:
     """When a record's version or delete was first published: its ``vecpipe.published_at``
     header, else (a record some other client built) its Kafka timestamp, else the epoch.
 
-    Raises InvalidMessage when the header is there but is not an ISO 8601 time.
+    Raises InvalidMessage when the header is there but is not an ISO 8601 time, or when the
+    time is more than :data:`MAX_CLOCK_SKEW` ahead of now.
     """
     text = header_value(headers, PUBLISHED_HEADER)
     if text is not None:
@@ -338,9 +344,20 @@ def published_at(headers: HeaderLike, timestamp: tuple[int, int]) -> datetime:
         except ValueError:
             raise InvalidMessage(
                 f"the {PUBLISHED_HEADER} header {text[:40]!r} is not an ISO 8601 time.") from None
-        return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
-    ts = timestamp[1]
-    return datetime.fromtimestamp(ts / 1000, UTC) if ts and ts > 0 else _EPOCH
+        when = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        what = f"the {PUBLISHED_HEADER} header {text[:40]!r}"
+    else:
+        ts = timestamp[1]
+        try:
+            when = datetime.fromtimestamp(ts / 1000, UTC) if ts and ts > 0 else _EPOCH
+        except (OverflowError, OSError, ValueError):
+            raise InvalidMessage(f"the record's timestamp {ts} is not a time.") from None
+        what = f"the record's timestamp {when.isoformat()}"
+    if when > datetime.now(UTC) + MAX_CLOCK_SKEW:
+        raise InvalidMessage(
+            f"{what} is more than {MAX_CLOCK_SKEW} ahead of this worker's clock; fix the "
+            "publisher's clock, then replay the record.")
+    return when
 
 
 def with_published_at(headers: HeaderLike, timestamp: tuple[int, int]) -> Headers:

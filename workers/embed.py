@@ -35,6 +35,7 @@ from vecpipe.messages import (
     Embedding,
     encode_embedding,
     encode_gap,
+    published_at,
     schema_headers,
     with_published_at,
 )
@@ -309,4 +310,5 @@ def _chunk_or_delete(msg: Message, obj: Decoded) -> Chunk | Delete:
             "published on the chunks topic; publish chunks there and let the embed stage make "
             "embeddings."
         )
+    published_at(msg.headers(), msg.timestamp())  # refused here, before it costs an encode
     return obj

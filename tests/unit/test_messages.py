@@ -17,6 +17,7 @@ from vecpipe.messages import (
     DELETE,
     DOCUMENT,
     EMBEDDING,
+    MAX_CLOCK_SKEW,
     MAX_METADATA_BYTES,
     MAX_VALUE_BYTES,
     SCHEMA_HEADER,
@@ -34,6 +35,8 @@ from vecpipe.messages import (
     header_list,
     header_value,
     normalize_text,
+    published_at,
+    published_header,
     schema_headers,
 )
 
@@ -401,3 +404,28 @@ def test_the_largest_valid_chunk_fits_the_bounds() -> None:
     value = encode_chunk(chunk)
     assert len(value) <= MAX_VALUE_BYTES
     assert decode(value, schema_headers(CHUNK)) == chunk
+
+
+def test_a_publish_time_comes_from_the_header_else_the_timestamp() -> None:
+    """The header wins; without it the Kafka timestamp counts; without either, the epoch."""
+    when = datetime(2024, 5, 1, 12, tzinfo=UTC)
+    assert published_at([published_header(when)], (1, 1)) == when
+    assert published_at([], (1, 1_714_564_800_000)) == when
+    assert published_at([], (0, -1)) == datetime(1970, 1, 1, tzinfo=UTC)
+    with pytest.raises(InvalidMessage, match="is not an ISO 8601 time"):
+        published_at([("vecpipe.published_at", b"yesterday")], (1, 1))
+
+
+def test_a_publish_time_far_in_the_future_is_refused() -> None:
+    """A clock far ahead would let a delete hold off every later version until then (or a
+    version outlive every delete): beyond MAX_CLOCK_SKEW the record is refused, within it
+    accepted as it is."""
+    soon = datetime.now(UTC) + MAX_CLOCK_SKEW / 2
+    assert published_at([published_header(soon)], (1, 1)) == soon
+    far = datetime.now(UTC) + MAX_CLOCK_SKEW * 2
+    with pytest.raises(InvalidMessage, match="ahead of this worker's clock; fix the publisher"):
+        published_at([published_header(far)], (1, 1))
+    with pytest.raises(InvalidMessage, match="timestamp"):
+        published_at([], (1, int(far.timestamp() * 1000)))
+    with pytest.raises(InvalidMessage, match="9999"):
+        published_at([("vecpipe.published_at", b"9999-12-31T23:59:59+00:00")], (1, 1))
