@@ -365,3 +365,17 @@ def test_a_dead_letter_names_what_a_deletion_would_have_to_cover() -> None:
     delete = DeadLetter.of(chunk_record(headers_=[("vecpipe.schema", b"vecpipe.delete")]))
     assert erasure_probe(delete) is None
     assert erasure_probe(DeadLetter.of(chunk_record(key_=b"no-slash"))) is None
+
+
+def test_a_dead_letters_value_names_its_document_over_its_key() -> None:
+    """A tenant with a slash in its id, or a record keyed by something else, is still found by
+    the deletion that covers it: the value's tenant and document win over the key's."""
+    def named(key: bytes, value: bytes) -> tuple[str, str | None, int | None] | None:
+        probe = erasure_probe(DeadLetter.of(chunk_record(key_=key, value_=value)))
+        return None if probe is None else probe[:3]
+
+    assert named(b"org/acme/doc-1", b'{"tenant_id": "org/acme", "doc_id": "doc-1", "version": 2}'
+                 ) == ("org/acme", "doc-1", 2)
+    assert named(b"", b'{"tenant_id": "acme", "doc_id": "d"}') == ("acme", "d", None)
+    assert named(b"acme/doc-7", b'{"tenant_id": "beta"}') == ("beta", None, None)
+    assert named(b"acme/doc-7", b'{"version": 3}') == ("acme", "doc-7", 3)

@@ -134,33 +134,45 @@ ErasedCheck = Callable[[Sequence[DeadLetter]], set[int]]
 
 
 def erasure_probe(dead: DeadLetter) -> tuple[str, str | None, int | None, datetime] | None:
-    """What a deletion would have to cover to erase ``dead``: its tenant and document (from the
-    key), version (from the value, when it can be read) and publish time; None for a record
-    that is no document's content (a delete, a key without a tenant)."""
-    if header_value(dead.headers, SCHEMA_HEADER) == DELETE or not dead.key:
+    """What a deletion would have to cover to erase ``dead``: its tenant, document and version
+    (from the value when it can be read, else tenant and document from the key) and its publish
+    time; None for a record that is no document's content (a delete, a key without a tenant)."""
+    if header_value(dead.headers, SCHEMA_HEADER) == DELETE:
         return None
-    tenant, slash, doc = dead.key_text.partition("/")
-    if not slash or not tenant:
+    tenant, doc, version = _identity_of(dead.value)
+    key_tenant, slash, key_doc = dead.key_text.partition("/") if dead.key else ("", "", "")
+    if not slash:
+        key_tenant = key_doc = ""
+    if tenant is None:
+        tenant = key_tenant or None
+    if tenant is None:
         return None
+    doc = doc or (key_doc if tenant == key_tenant else "") or None
     try:
         published = published_at(dead.headers, (1, dead.timestamp_ms or 0))
     except InvalidMessage:
         published = datetime.fromtimestamp((dead.timestamp_ms or 0) / 1000, UTC)
-    return tenant, doc or None, _version_of(dead.value), published
+    return tenant, doc, version, published
 
 
-def _version_of(value: bytes | None) -> int | None:
-    """The ``version`` of a chunk or embedding value, if it reads as one; else None."""
+def _identity_of(value: bytes | None) -> tuple[str | None, str | None, int | None]:
+    """The ``tenant_id``, ``doc_id`` and ``version`` of a chunk or embedding value, each None
+    where it does not read as one."""
     if not value:
-        return None
+        return None, None, None
     try:
         if value[:1] != b"{":  # an embedding: a length-prefixed JSON block, then the vector
             (size,) = struct.unpack_from(">I", value)
             value = value[4:4 + size]
-        version = json.loads(value).get("version")
+        obj = json.loads(value)
     except Exception:  # a dead letter is often unreadable: that is why it is here
-        return None
-    return version if isinstance(version, int) and 0 <= version < 2**63 else None
+        return None, None, None
+    if not isinstance(obj, dict):
+        return None, None, None
+    tenant, doc, version = obj.get("tenant_id"), obj.get("doc_id"), obj.get("version")
+    return (tenant if isinstance(tenant, str) and tenant else None,
+            doc if isinstance(doc, str) and doc else None,
+            version if isinstance(version, int) and 0 <= version < 2**63 else None)
 
 
 def source_topic(dlq_topic: str, suffix: str) -> str | None:
