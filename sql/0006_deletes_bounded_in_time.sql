@@ -1,8 +1,8 @@
 -- vecpipe 0006: deletes bounded by publish time, and an audit trail written once per delete.
 --
--- documents.published_at is when the stored version was first published: the
--- vecpipe.published_at header its chunks carry (its first publisher sets it, and every stage,
--- dead letter and replay carries it unchanged). A delete without a version removes the document
+-- documents.published_at is when the stored version was last published: the
+-- vecpipe.published_at header its chunks carry (the publisher sets it, and every stage, dead
+-- letter and replay carries it unchanged). A delete without a version removes the document
 -- only if that version was published before the delete (or at the same instant); one published
 -- after it stays, however late the delete arrives (a producer's re-send after an outage, a
 -- dead-letter replay, a redelivery after a crash). deleted_before moves either way, so chunks published

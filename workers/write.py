@@ -38,8 +38,8 @@ class StoreLike(Protocol):
     """What the stage needs of the database (``vecpipe.store.Store`` or a test fake)."""
 
     def apply(self, rows: Sequence[Row], deletes: Sequence[DeleteRequest],
-              worker_id: str = "") -> MergeStats:
-        """Apply deletes and merge rows in one transaction."""
+              worker_id: str = "", progress: Callable[[], None] = lambda: None) -> MergeStats:
+        """Apply deletes and merge rows in one transaction, calling ``progress`` as it goes."""
         ...
 
 
@@ -112,10 +112,21 @@ class WriteProcessor:
 
     def process(self, batch: Batch) -> list[Message]:
         """Merge the batch in one transaction; return its records once committed."""
-        decoded = decode_batch(batch.messages, self._convert)
+        refused: list[tuple[Message, Row]] = []
+
+        def convert(msg: Message, obj: Decoded) -> Row | DeleteRequest:
+            try:
+                return self._convert(msg, obj)
+            except Exception:
+                # An embedding refused here leaves a gap, as one the embed stage refuses does.
+                if isinstance(obj, Embedding) and (gap := _gap_for(msg, obj)) is not None:
+                    refused.append((msg, gap))
+                raise
+
+        decoded = decode_batch(batch.messages, convert)
         rows = [(m, r) for m, r in decoded.inputs if isinstance(r, Row)]
         deletes = [(m, d) for m, d in decoded.inputs if isinstance(d, DeleteRequest)]
-        kept, deletes = _drop_superseded(rows, deletes)
+        kept, deletes = _drop_superseded([*rows, *refused], deletes)
         failures = list(decoded.failures)
         stats = self._apply(kept, [d for _, d in deletes],
                             {id(item): msg for msg, item in [*rows, *deletes]}, failures,
@@ -152,29 +163,56 @@ class WriteProcessor:
         """One transaction for the batch; a row or delete the database refuses is isolated by
         halving (deletes first, order kept: the result is what one transaction gives)."""
 
+        counted = retry_counter(self.metrics, self.log, "database")
+
+        def on_retry(exc: BaseException, attempt: int) -> None:
+            progress()  # waiting out an outage is not a stalled batch
+            counted(exc, attempt)
+
         def run(part: Sequence[Row | DeleteRequest]) -> MergeStats:
             progress()
             result: MergeStats = call_with_retry(
                 self.cfg.retry, self.store.apply, [r for r in part if isinstance(r, Row)],
-                [d for d in part if isinstance(d, DeleteRequest)], self.worker_id,
-                on_retry=retry_counter(self.metrics, self.log, "database"))
+                [d for d in part if isinstance(d, DeleteRequest)], self.worker_id, progress,
+                on_retry=on_retry)
             return result
+
+        gaps: list[Row] = []
 
         def on_poison(item: Row | DeleteRequest, exc: BaseException) -> None:
             msg = source.get(id(item))
             if msg is None:
-                raise exc
+                # A gap staged for a refused record, which is dead-lettered already: the slot
+                # keeps what it had.
+                self.log.warning("gap_refused", error=str(exc),
+                                 doc_id=getattr(item, "doc_id", None))
+                return
             failures.append(Failure(msg, exc))
+            if isinstance(item, Row) and not item.gap:
+                gaps.append(item.as_gap())
 
         def on_split(part: Sequence[Row | DeleteRequest], exc: BaseException) -> None:
             self.log.warning("batch_bisect", records=len(part), error=str(exc))
 
-        items: list[Row | DeleteRequest] = [*deletes, *rows]
         stats = MergeStats()
+        items: list[Row | DeleteRequest] = [*deletes, *rows]
         for result in isolate(items, run, poison=is_permanent, on_poison=on_poison,
                               on_split=on_split):
             stats.add(result)
+        # The rows the database refused leave gaps too, merged after the rest (best effort).
+        for result in isolate(list(gaps), run, poison=is_permanent, on_poison=on_poison):
+            stats.add(result)
         return stats
+
+
+def _gap_for(msg: Message, emb: Embedding) -> Row | None:
+    """The gap a refused embedding leaves, or None when even its publish time is unreadable."""
+    try:
+        published = published_at(msg.headers(), msg.timestamp())
+    except InvalidMessage:
+        return None
+    return Row.gap_of(ChunkGap.of(emb.chunk, "refused by the writer"), published,
+                      msg.offset() or 0)
 
 
 def _drop_superseded(

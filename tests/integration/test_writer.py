@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,7 +15,8 @@ import pytest
 
 from tests.helpers import BlackHoleProxy, read_topic, run_stage
 from vecpipe.config import with_section
-from vecpipe.db.erase import DeleteRequest
+from vecpipe.db import erase
+from vecpipe.db.erase import DeleteRequest, erased
 from vecpipe.db.pool import connect, make_pool
 from vecpipe.db.store import Row, Store
 from vecpipe.kafka.admin import offsets_committed
@@ -31,7 +33,7 @@ from vecpipe.messages import (
     encode_embedding,
     schema_headers,
 )
-from vecpipe.retry import is_transient
+from vecpipe.retry import is_fatal, is_transient
 
 pytestmark = pytest.mark.integration
 
@@ -481,3 +483,84 @@ def test_a_gap_published_before_a_delete_does_not_bring_the_document_back(store:
     with store.pool.connection() as conn:
         assert conn.execute("SELECT deleted FROM documents WHERE doc_id = 'a'").fetchone() == (
             True,)
+
+
+def test_the_same_version_published_again_outlives_a_delete_published_between(
+        store: Store) -> None:
+    """Version 1 published, deleted, published again (unchanged, so the same version): when the
+    writer sees both publications before the late delete, the delete is older than what the
+    second publication restated, and removes nothing."""
+    t0, t1, t2 = NOW - timedelta(seconds=20), NOW - timedelta(seconds=10), NOW
+    store.apply([row("a", 0, published=t0)], [])
+    store.apply([row("a", 0, published=t2)], [])
+    late = DeleteRequest("default", "a", None, t1, {"offset": 3})
+    assert store.apply([], [late]).deleted == 0
+    assert set(rows_of(store)) == {("default", "a", 0)}
+    # A redelivery of the first publication does not move the time back.
+    store.apply([row("a", 0, published=t0)], [])
+    assert store.apply([], [replace(late, source={"offset": 4})]).deleted == 0
+    assert set(rows_of(store)) == {("default", "a", 0)}
+
+
+def test_a_large_tenant_deletion_goes_in_bounded_steps_that_show_progress(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tenant's documents and chunks are deleted STEP rows at a time (each statement short,
+    each step renewing the deadline and the batch's progress): all of what was published
+    before the deletion goes, none of what came after, and no other tenant's rows."""
+    monkeypatch.setattr(erase, "STEP", 3)
+    before, after = NOW - timedelta(seconds=5), NOW + timedelta(seconds=5)
+    old = [row(f"d{i:02d}", j, count=2, tenant="big", published=before)
+           for i in range(10) for j in range(2)]
+    new = [row(f"n{i}", 0, tenant="big", published=after) for i in range(4)]
+    other = [row("d00", 0, tenant="small", published=before)]
+    store.apply([*old, *new, *other], [])
+    steps = []
+    stats = store.apply([], [DeleteRequest("big", None, None, NOW, {"offset": 1})],
+                        progress=lambda: steps.append(1))
+    assert stats.deleted == len(old)
+    assert set(rows_of(store)) == {r.key for r in [*new, *other]}
+    # 14 documents in steps of 3, 24 chunks in steps of 3, and the request itself.
+    assert len(steps) >= 5 + 8
+    with store.pool.connection() as conn:
+        flags = dict(conn.execute(
+            "SELECT doc_id, deleted FROM documents WHERE tenant_id = 'big'").fetchall())
+    assert flags == {**{f"d{i:02d}": True for i in range(10)},
+                     **{f"n{i}": False for i in range(4)}}
+
+
+def test_an_audit_table_the_writer_cannot_use_stops_the_deletion(store: Store) -> None:
+    """A missing audit table is the deployment's fault, not the record's: the deletion is rolled
+    back and the error stops the writer (fatal), rather than erase without a trail."""
+    store.apply([row("a", 0)], [])
+    with store.pool.connection() as conn:
+        conn.execute("ALTER TABLE audit_log RENAME TO audit_log_away")
+    try:
+        with pytest.raises(psycopg.errors.UndefinedTable) as caught:
+            store.apply([], [DeleteRequest("default", "a", None, NOW + timedelta(seconds=1),
+                                           {"offset": 5})])
+        assert is_fatal(caught.value)
+        assert set(rows_of(store)) == {("default", "a", 0)}
+    finally:
+        with store.pool.connection() as conn:
+            conn.execute("ALTER TABLE audit_log_away RENAME TO audit_log")
+
+
+def test_erased_covers_a_tombstones_versions_as_the_writer_does(store: Store) -> None:
+    """What the dead-letter tools leave out is what the writer would refuse: versions below a
+    tombstone's, its own version after a delete with a version, and not after a delete without
+    one when published after it (that publication brings the document back)."""
+    t0, t1, t2 = NOW - timedelta(seconds=20), NOW - timedelta(seconds=10), NOW
+    store.apply([row("a", 0, version=3, published=t0), row("b", 0, version=3, published=t0)], [])
+    store.apply([], [DeleteRequest("default", "a", 3, t1, {"offset": 1}),
+                     DeleteRequest("default", "b", None, t1, {"offset": 2})])
+    probes = [("default", "a", 2, t2), ("default", "a", 3, t2), ("default", "a", 4, t2),
+              ("default", "b", 2, t2), ("default", "b", 3, t2), ("default", "b", 3, t0),
+              ("default", "c", 1, t0)]
+    with store.pool.connection() as conn:
+        covered = erased(conn, store.cfg.database.schema, probes)
+    assert covered == {0, 1, 3, 5}
+    # And the writer agrees on every probe that it would land.
+    for i, (_, doc, version, published) in enumerate(probes[:6]):
+        store.apply([row(doc, 0, version=version, text=f"probe {i}", published=published)], [])
+        landed = rows_of(store).get(("default", doc, 0)) == (version, f"probe {i}")
+        assert landed == (i not in covered), probes[i]

@@ -8,7 +8,7 @@ the real database is in tests/integration/test_fuzz_db.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -89,7 +89,7 @@ class Store:
         self.rows: list[Row] = []
 
     def apply(self, rows: Sequence[Row], deletes: Sequence[DeleteRequest],
-              worker_id: str = "") -> MergeStats:
+              worker_id: str = "", progress: Callable[[], None] = lambda: None) -> MergeStats:
         self.rows.extend(rows)
         return MergeStats(inserted=len(rows))
 

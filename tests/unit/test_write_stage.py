@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +27,7 @@ from vecpipe.messages import (
     DELETE,
     EMBEDDING,
     Chunk,
+    ChunkGap,
     Delete,
     Embedding,
     content_hash,
@@ -74,7 +75,7 @@ class FakeStore:
     calls: list[Call] = field(default_factory=list)
 
     def apply(self, rows: Sequence[Row], deletes: Sequence[DeleteRequest],
-              worker_id: str = "") -> MergeStats:
+              worker_id: str = "", progress: Callable[[], None] = lambda: None) -> MergeStats:
         call = Call(list(rows), list(deletes), worker_id)
         self.calls.append(call)
         if self.deadlock_once:
@@ -244,7 +245,10 @@ def test_bad_vectors_and_nul_text_are_dead_lettered_precisely() -> None:
     msgs = [good, wrong_dim, not_unit, nul]
     s = stage()
     assert s.run(msgs) == msgs
-    assert [r.doc_id for r in s.store.committed_rows] == ["good"]
+    assert [r.doc_id for r in s.store.committed_rows if not r.gap] == ["good"]
+    # A chunk refused after decoding leaves a gap in its slot, as one the embed stage refuses
+    # does; one that breaks the contract (NUL) leaves none, as its fields cannot be trusted.
+    assert sorted(r.doc_id for r in s.store.committed_rows if r.gap) == ["dim", "norm"]
     reasons = s.reasons()
     assert set(reasons) == {1, 2, 3}
     assert "the vector has 3 dimensions but the table stores 4" in reasons[1]
@@ -398,7 +402,7 @@ def test_transient_failure_that_persists_fails_the_batch() -> None:
 
     class Down(FakeStore):
         def apply(self, rows: Sequence[Row], deletes: Sequence[DeleteRequest],
-                  worker_id: str = "") -> MergeStats:
+                  worker_id: str = "", progress: Callable[[], None] = lambda: None) -> MergeStats:
             self.calls.append(Call(list(rows), list(deletes), worker_id, ok=False))
             raise psycopg.OperationalError("connection refused")
 
@@ -435,3 +439,59 @@ def test_empty_batch_makes_no_store_call() -> None:
     s2 = stage()
     assert s2.run([]) == []
     assert s.store.calls == [] and s2.store.calls == []
+
+
+def test_a_row_the_database_refuses_leaves_a_gap_merged_after_the_rest() -> None:
+    """The slot of a row the database refuses is emptied (a gap, merged once the rest of the
+    batch is in), so the document never serves an older version's text there."""
+    feed = Feed()
+    msgs = [feed.emb(chunk("d1", 0, version=2)), feed.emb(chunk("d1", 1, version=2, text="bad"))]
+
+    class RefusesText(FakeStore):
+        def apply(self, rows: Sequence[Row], deletes: Sequence[DeleteRequest],
+                  worker_id: str = "", progress: Callable[[], None] = lambda: None) -> MergeStats:
+            if any(r.content == "bad" for r in rows):
+                self.calls.append(Call(list(rows), list(deletes), worker_id, ok=False))
+                raise psycopg.errors.DataException("invalid input")
+            return super().apply(rows, deletes, worker_id, progress)
+
+    s = stage(RefusesText())
+    assert s.run(msgs) == msgs
+    assert set(s.reasons()) == {1}
+    committed = [(r.chunk_index, r.doc_version, r.gap) for r in s.store.committed_rows]
+    assert committed == [(0, 2, False), (1, 2, True)]
+    gap = s.store.committed_rows[1]
+    assert (gap.content, gap.embedding, gap.content_hash) == ("", None, content_hash("bad"))
+
+
+def test_a_gap_that_cannot_be_merged_only_costs_its_slot() -> None:
+    """When even the gap is refused, the record is still dead-lettered once and the batch goes
+    on: the gap is best effort."""
+    feed = Feed()
+    msgs = [feed.emb(chunk("d1")), feed.emb(chunk("d2"))]
+    s = stage(FakeStore(bad_doc="d2"))
+    assert s.run(msgs) == msgs
+    assert set(s.reasons()) == {1}
+    assert [r.doc_id for r in s.store.committed_rows] == ["d1"]
+    assert any(r.gap for c in s.store.calls if not c.ok for r in c.rows)
+
+
+def test_a_chunk_beats_a_gap_for_the_same_slot_and_version() -> None:
+    """Within one batch a chunk that arrived wins over a gap of the same version."""
+    c = chunk("d", 0, version=2)
+    real = Row.gap_of(ChunkGap.of(c, "x"), datetime.now(UTC), 9)
+    row = replace(real, gap=False, content="text", offset=3)
+    assert collapse([row, real]) == [row]
+    assert collapse([real, replace(row, doc_version=1)]) == [real]
+
+
+def test_a_batch_waiting_out_a_database_outage_keeps_showing_progress() -> None:
+    """Retries of a transient failure beat the batch's progress, so the liveness probe does not
+    restart a writer that is only waiting for the database to come back."""
+    def beats(store: FakeStore) -> int:
+        count: list[int] = []
+        msgs: list[Any] = [Feed().emb(chunk("d1"))]
+        stage(store).processor.process(Batch(msgs, progress=lambda: count.append(1)))
+        return len(count)
+
+    assert beats(FakeStore(deadlock_once=True)) > beats(FakeStore())

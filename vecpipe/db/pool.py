@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +24,7 @@ from psycopg_pool import ConnectionPool
 from vecpipe.config import DatabaseConfig, redact_url
 from vecpipe.errors import Unreachable
 
-__all__ = ["check_database", "connect", "deadline", "make_pool"]
+__all__ = ["Deadline", "check_database", "connect", "deadline", "make_pool"]
 
 
 def _network_options(db: DatabaseConfig) -> dict[str, Any]:
@@ -34,25 +35,69 @@ def _network_options(db: DatabaseConfig) -> dict[str, Any]:
             "keepalives_count": 3, "tcp_user_timeout": db.network_timeout_s * 1000}
 
 
-@contextlib.contextmanager
-def deadline(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
-    """Cut ``conn`` if the block takes longer than ``seconds``: the call under way then fails
-    with psycopg.OperationalError (transient: retried on a new connection) instead of waiting
-    for a server that will never answer. The pool discards the cut connection."""
-    def cut() -> None:
-        # shutdown() acts on the socket itself, so a duplicate descriptor reaches it, and the
-        # blocked read in libpq returns at once.
-        with (contextlib.suppress(OSError, psycopg.Error),
-              socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock):
-            sock.shutdown(socket.SHUT_RDWR)
+class Deadline:
+    """The clock of :func:`deadline`: ``renew()`` restarts it (long work that shows progress,
+    such as a large tenant deletion, is cut only when a step stalls, not when the whole runs
+    long), and once the block has ended it never cuts."""
 
-    timer = threading.Timer(seconds, cut)
-    timer.daemon = True
-    timer.start()
+    def __init__(self, conn: psycopg.Connection[Any], seconds: float) -> None:
+        self._conn = conn
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._due = time.monotonic() + seconds
+        self._done = False
+        self._timer: threading.Timer | None = None
+
+    def renew(self) -> None:
+        """Give the block another ``seconds`` from now."""
+        with self._lock:
+            self._due = time.monotonic() + self._seconds
+
+    def _arm(self, after: float) -> None:
+        self._timer = threading.Timer(after, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            left = self._due - time.monotonic()
+            if left > 0:
+                self._arm(left)
+                return
+            # shutdown() acts on the socket itself, so a duplicate descriptor reaches it, and
+            # the blocked read in libpq returns at once. The lock keeps this from running after
+            # the block has ended (on a connection back in the pool, or in another's hands).
+            with (contextlib.suppress(OSError, psycopg.Error),
+                  socket.socket(fileno=os.dup(self._conn.pgconn.socket)) as sock):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def start(self) -> None:
+        """Start the clock."""
+        with self._lock:
+            self._arm(self._seconds)
+
+    def stop(self) -> None:
+        """The block has ended: the clock never cuts from now on."""
+        with self._lock:
+            self._done = True
+            if self._timer is not None:
+                self._timer.cancel()
+
+
+@contextlib.contextmanager
+def deadline(conn: psycopg.Connection[Any], seconds: float) -> Iterator[Deadline]:
+    """Cut ``conn`` if the block takes longer than ``seconds`` (since it began, or since its
+    last ``renew()``): the call under way then fails with psycopg.OperationalError (transient:
+    retried on a new connection) instead of waiting for a server that will never answer. The
+    pool discards the cut connection."""
+    clock = Deadline(conn, seconds)
+    clock.start()
     try:
-        yield
+        yield clock
     finally:
-        timer.cancel()
+        clock.stop()
 
 
 def _session_setup(conn: psycopg.Connection[Any], db: DatabaseConfig) -> None:

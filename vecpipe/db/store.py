@@ -11,8 +11,8 @@ connection leaves the database as if it had run once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,7 +50,7 @@ LEFT JOIN {schema}.tenant_deletions t ON t.tenant_id = s.tenant_id
 LEFT JOIN {schema}.documents o ON o.tenant_id = s.tenant_id AND o.doc_id = s.doc_id
 WHERE (t.deleted_before IS NULL OR s.published_at > t.deleted_before)
   AND (o.deleted_before IS NULL OR s.published_at > o.deleted_before)
-ORDER BY s.tenant_id, s.doc_id, s.doc_version DESC
+ORDER BY s.tenant_id, s.doc_id, s.doc_version DESC, s.published_at DESC
 ON CONFLICT (tenant_id, doc_id) DO UPDATE
 SET version = EXCLUDED.version, chunk_count = EXCLUDED.chunk_count, deleted = false,
     published_at = EXCLUDED.published_at, updated_at = now()
@@ -58,6 +58,10 @@ WHERE d.version < EXCLUDED.version
    -- Deleted without a version: the same version published again after the delete (the rows
    -- published before it were filtered out above) brings the document back.
    OR (d.deleted AND d.deleted_before IS NOT NULL AND d.version = EXCLUDED.version)
+   -- The same version published again: a delete published between the two must not remove
+   -- what the second publication restated, so the stored version's time moves up to it.
+   OR (NOT d.deleted AND d.version = EXCLUDED.version
+       AND (d.published_at IS NULL OR d.published_at < EXCLUDED.published_at))
 """
 
 # 2. Merge the chunks of each document's newest version. A row is rewritten only when its
@@ -145,6 +149,12 @@ class Row:
                    gap.content_hash, "", 0, 0, "", {}, None, "", "", "", published_at,
                    published_at, gap=True, offset=offset)
 
+    def as_gap(self) -> Row:
+        """The gap this row leaves when the database refuses it."""
+        return replace(self, content="", char_start=0, char_end=0, source_uri="", metadata={},
+                       embedding=None, model_name="", model_revision="", model_backend="",
+                       embedded_at=self.published_at, gap=True)
+
     @property
     def key(self) -> tuple[str, str, int]:
         """(tenant, document, chunk index): the primary key."""
@@ -171,7 +181,8 @@ class MergeStats:
 
 
 def collapse(rows: Sequence[Row]) -> list[Row]:
-    """Keep one row per key, the newest (highest version, then offset), sorted by key.
+    """Keep one row per key, the newest (highest version, then a chunk over a gap, then offset),
+    sorted by key.
 
     Two rows for one key in a single INSERT ... ON CONFLICT would fail with "cannot affect row a
     second time"; sorting by key makes every writer lock rows in the same order.
@@ -179,7 +190,8 @@ def collapse(rows: Sequence[Row]) -> list[Row]:
     best: dict[tuple[str, str, int], Row] = {}
     for row in rows:
         cur = best.get(row.key)
-        if cur is None or (row.doc_version, row.offset) > (cur.doc_version, cur.offset):
+        if cur is None or ((row.doc_version, not row.gap, row.offset)
+                           > (cur.doc_version, not cur.gap, cur.offset)):
             best[row.key] = row
     return [best[k] for k in sorted(best)]
 
@@ -203,14 +215,26 @@ class Store:
         return sql.SQL(text).format(schema=self.schema)
 
     def apply(self, rows: Sequence[Row], deletes: Sequence[DeleteRequest],
-              worker_id: str = "") -> MergeStats:
-        """Apply deletes, then merge ``rows``, in one transaction. Idempotent."""
+              worker_id: str = "", progress: Callable[[], None] = lambda: None) -> MergeStats:
+        """Apply deletes, then merge ``rows``, in one transaction. Idempotent.
+
+        ``progress`` is called after each bounded step of the deletes; each step also renews
+        the deadline, so a large tenant deletion is cut only if one step stalls.
+        """
         stats = MergeStats()
         with (self.pool.connection() as conn,
-              deadline(conn, self.cfg.database.call_timeout_s), conn.transaction()):
-            lock_tenants(conn, self.cfg.database.schema, shared={r.tenant_id for r in rows},
+              deadline(conn, self.cfg.database.call_timeout_s) as clock, conn.transaction()):
+            # Document deletes take their tenant's lock shared, as merges do: a tenant deletion
+            # on another writer then never holds a document row this one waits for.
+            lock_tenants(conn, self.cfg.database.schema,
+                         shared={r.tenant_id for r in rows} | {d.tenant_id for d in deletes},
                          exclusive={d.tenant_id for d in deletes if d.doc_id is None})
-            stats.deleted += self._eraser.apply(conn, deletes, worker_id)
+
+            def step() -> None:
+                clock.renew()
+                progress()
+
+            stats.deleted += self._eraser.apply(conn, deletes, worker_id, step)
             merged = collapse(rows)
             if merged:
                 stats.add(self._merge(conn, merged))
