@@ -564,3 +564,59 @@ def test_erased_covers_a_tombstones_versions_as_the_writer_does(store: Store) ->
         store.apply([row(doc, 0, version=version, text=f"probe {i}", published=published)], [])
         landed = rows_of(store).get(("default", doc, 0)) == (version, f"probe {i}")
         assert landed == (i not in covered), probes[i]
+
+
+def test_a_version_deleted_by_version_stays_deleted_after_a_late_delete_moved_its_time(
+        store: Store) -> None:
+    """A late delete without a version (kept nothing from being published) moves
+    deleted_before; then a delete of version 3 removes it: a redelivered chunk of version 3,
+    published after the late delete, must not bring it back, and erased() agrees."""
+    t0, t1 = NOW - timedelta(seconds=20), NOW - timedelta(seconds=10)
+    store.apply([row("a", 0, version=3, published=t1)], [])
+    assert store.apply([], [DeleteRequest("default", "a", None, t0, {"offset": 1})]).deleted == 0
+    assert store.apply([], [DeleteRequest("default", "a", 3, NOW, {"offset": 2})]).deleted == 1
+    store.apply([row("a", 0, version=3, published=t1)], [])  # the redelivery
+    assert rows_of(store) == {}
+    with store.pool.connection() as conn:
+        assert erased(conn, store.cfg.database.schema, [("default", "a", 3, t1),
+                                                        ("default", "a", 4, t1)]) == {0}
+    store.apply([row("a", 0, version=4, published=t1)], [])
+    assert set(rows_of(store)) == {("default", "a", 0)}
+
+
+def test_a_writer_waits_out_a_long_tenant_deletion_showing_progress(
+        migrated: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A merge that needs a lock a tenant deletion holds waits in short steps (each a bounded
+    lock wait in a savepoint, then its progress shown), however long the deletion runs, instead
+    of one wait that statement_timeout would cancel; it lands once the deletion commits."""
+    monkeypatch.setattr(erase, "LOCK_STEP_MS", 100)
+    schema = migrated.database.schema
+    key = erase.tenant_lock(schema, "busy")
+    pool = make_pool(migrated.database)
+    try:
+        with connect(migrated.database) as held, connect(migrated.database) as other:
+            # The premise: a lock taken in a savepoint that rolls back is released.
+            with held.transaction():
+                held.execute("SAVEPOINT s")
+                held.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+                held.execute("ROLLBACK TO SAVEPOINT s")
+                assert other.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone() == (
+                    True,)
+                other.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            # A deletion's transaction holds the tenant's lock; a writer wants it.
+            held.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+            waits = threading.Semaphore(0)
+            writer = Store(migrated, pool)
+            merged = threading.Thread(target=writer.apply, daemon=True, kwargs={
+                "rows": [row("x", 0, tenant="busy")], "deletes": [],
+                "progress": waits.release})
+            merged.start()
+            for _ in range(3):
+                assert waits.acquire(timeout=30), "the writer stopped showing progress"
+            assert rows_of(writer) == {}
+            held.commit()
+            merged.join(30)
+            assert not merged.is_alive()
+            assert set(rows_of(writer)) == {("busy", "x", 0)}
+    finally:
+        pool.close()

@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+import psycopg.errors
 from psycopg import sql
 
 from vecpipe.db.schema import lock_key
@@ -72,10 +73,25 @@ def tenant_lock(schema: str, tenant_id: str) -> int:
     return lock_key("tenant", f"{schema}/{bucket % TENANT_LOCKS}")
 
 
+# A writer waits for a tenant lock in steps of this long: between steps it shows progress and
+# renews its deadline, so a long tenant deletion holds the writer up without failing it (one
+# blocking wait would end at statement_timeout, and be retried until the batch gave up).
+LOCK_STEP_MS = 5_000
+
+_LOCK = """
+SELECT CASE WHEN x THEN pg_advisory_xact_lock(k) ELSE pg_advisory_xact_lock_shared(k) END
+FROM unnest(%s::bigint[], %s::boolean[]) AS u(k, x) ORDER BY k
+"""
+
+
 def lock_tenants(conn: psycopg.Connection[Any], schema: str, shared: Iterable[str],
-                 exclusive: Iterable[str]) -> None:
+                 exclusive: Iterable[str], waiting: Callable[[], None] = lambda: None) -> None:
     """Take the transaction's tenant locks, in key order (so that two writers never wait for
-    each other in a cycle): exclusive for tenants being deleted, shared for the others."""
+    each other in a cycle): exclusive for tenants being deleted, shared for the others.
+
+    Called inside a transaction. Each try waits at most LOCK_STEP_MS, in a savepoint; a try
+    that times out releases what it took, calls ``waiting`` and tries again.
+    """
     wanted: dict[int, bool] = {}
     for t in shared:
         wanted.setdefault(tenant_lock(schema, t), False)
@@ -84,11 +100,20 @@ def lock_tenants(conn: psycopg.Connection[Any], schema: str, shared: Iterable[st
     if not wanted:
         return
     keys = sorted(wanted)
-    # Volatile functions in the select list run after the sort: the locks are taken in key order.
-    conn.execute(
-        "SELECT CASE WHEN x THEN pg_advisory_xact_lock(k) ELSE pg_advisory_xact_lock_shared(k) END"
-        " FROM unnest(%s::bigint[], %s::boolean[]) AS u(k, x) ORDER BY k",
-        (keys, [wanted[k] for k in keys]))
+    modes = [wanted[k] for k in keys]
+    row = conn.execute("SELECT current_setting('lock_timeout')").fetchone()
+    previous = row[0] if row else "0"
+    while True:
+        try:
+            with conn.transaction():
+                conn.execute("SELECT set_config('lock_timeout', %s, true)",
+                             (f"{LOCK_STEP_MS}ms",))
+                # Volatile functions in the select list run after the sort: key order.
+                conn.execute(_LOCK, (keys, modes))
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (previous,))
+            return
+        except psycopg.errors.LockNotAvailable:
+            waiting()
 
 
 def _clean(value: Any) -> Any:
@@ -106,15 +131,19 @@ def _clean(value: Any) -> Any:
 # published before the delete; deleted_before moves in any case. With one, versions up to it go.
 _DELETE_DOCUMENT = """
 INSERT INTO {schema}.documents AS d
-    (tenant_id, doc_id, version, chunk_count, deleted, deleted_before, published_at)
+    (tenant_id, doc_id, version, chunk_count, deleted, deleted_before, deleted_version,
+     published_at)
 VALUES (%(t)s, %(d)s, greatest(%(v)s::bigint, %(s)s::bigint), 0, true,
-        CASE WHEN %(v)s::bigint IS NULL THEN %(at)s::timestamptz END, NULL)
+        CASE WHEN %(v)s::bigint IS NULL THEN %(at)s::timestamptz END,
+        greatest(%(v)s::bigint, CASE WHEN %(v)s::bigint IS NOT NULL THEN %(s)s::bigint END),
+        NULL)
 ON CONFLICT (tenant_id, doc_id) DO UPDATE
 SET deleted = CASE WHEN %(v)s::bigint IS NULL
                    THEN d.deleted OR d.published_at IS NULL OR d.published_at <= %(at)s
                    ELSE true END,
     version = greatest(d.version, EXCLUDED.version),
     deleted_before = greatest(d.deleted_before, EXCLUDED.deleted_before),
+    deleted_version = greatest(d.deleted_version, EXCLUDED.deleted_version),
     updated_at = now()
 WHERE %(v)s::bigint IS NULL OR d.version <= %(v)s::bigint
 RETURNING deleted
@@ -271,7 +300,7 @@ SELECT r.i FROM unnest(%(t)s::text[], %(d)s::text[], %(v)s::bigint[], %(p)s::tim
      WITH ORDINALITY AS r(t, d, v, p, i)
 LEFT JOIN {schema}.tenant_deletions td ON td.tenant_id = r.t
 LEFT JOIN {schema}.documents doc ON doc.tenant_id = r.t AND doc.doc_id = r.d
-WHERE r.p <= td.deleted_before OR r.p <= doc.deleted_before
+WHERE r.p <= td.deleted_before OR r.p <= doc.deleted_before OR r.v <= doc.deleted_version
    -- A tombstone: older versions are gone, and its own version too unless the delete was
    -- bounded in time (then the version published again after it is the document again).
    OR (doc.deleted AND (r.v < doc.version

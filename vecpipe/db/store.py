@@ -57,7 +57,8 @@ SET version = EXCLUDED.version, chunk_count = EXCLUDED.chunk_count, deleted = fa
 WHERE d.version < EXCLUDED.version
    -- Deleted without a version: the same version published again after the delete (the rows
    -- published before it were filtered out above) brings the document back.
-   OR (d.deleted AND d.deleted_before IS NOT NULL AND d.version = EXCLUDED.version)
+   OR (d.deleted AND d.deleted_before IS NOT NULL AND d.version = EXCLUDED.version
+       AND (d.deleted_version IS NULL OR d.deleted_version < EXCLUDED.version))
    -- The same version published again: a delete published between the two must not remove
    -- what the second publication restated, so the stored version's time moves up to it.
    OR (NOT d.deleted AND d.version = EXCLUDED.version
@@ -224,16 +225,20 @@ class Store:
         stats = MergeStats()
         with (self.pool.connection() as conn,
               deadline(conn, self.cfg.database.call_timeout_s) as clock, conn.transaction()):
-            # Document deletes take their tenant's lock shared, as merges do: a tenant deletion
-            # on another writer then never holds a document row this one waits for.
-            lock_tenants(conn, self.cfg.database.schema,
-                         shared={r.tenant_id for r in rows} | {d.tenant_id for d in deletes},
-                         exclusive={d.tenant_id for d in deletes if d.doc_id is None})
-
             def step() -> None:
                 clock.renew()
                 progress()
 
+            def waiting() -> None:
+                step()
+                self._eraser.log.info("waiting_for_tenant_deletion", worker_id=worker_id)
+
+            # Document deletes take their tenant's lock shared, as merges do: a tenant deletion
+            # on another writer then never holds a document row this one waits for.
+            lock_tenants(conn, self.cfg.database.schema,
+                         shared={r.tenant_id for r in rows} | {d.tenant_id for d in deletes},
+                         exclusive={d.tenant_id for d in deletes if d.doc_id is None},
+                         waiting=waiting)
             stats.deleted += self._eraser.apply(conn, deletes, worker_id, step)
             merged = collapse(rows)
             if merged:
