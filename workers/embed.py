@@ -138,6 +138,11 @@ class EmbedProcessor:
         batch.progress()
         self._encode([it for it in items.values() if it.vector is None], batch.progress)
         failures = list(decoded.failures)
+        # A batch that trips the dead-letter cap stops the worker (a broken model or
+        # configuration, most likely): its failures must not empty the slots of their chunks.
+        failed = {id(f.msg) for f in failures}
+        failed |= {key for key, it in items.items() if it.error is not None}
+        gaps_wanted = not self.guard.would_trip([id(m) in failed for m in batch.messages])
         for msg, _ in decoded.inputs:
             if not batch.owned(msg):
                 continue
@@ -153,7 +158,8 @@ class EmbedProcessor:
                 item.error = self._produce_embedding(item)
             if item.error is not None:
                 failures.append(Failure(msg, item.error))
-                self._produce_gap(item, item.error)
+                if gaps_wanted:
+                    self._produce_gap(item, item.error)
         done = [m for m in batch.messages if batch.owned(m)]
         return self.settle(batch.messages, done, [f for f in failures if batch.owned(f.msg)],
                            progress=batch.progress)

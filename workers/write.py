@@ -123,14 +123,22 @@ class WriteProcessor:
                     refused.append((msg, gap))
                 raise
 
+        def gaps_wanted(failures: Sequence[Failure]) -> bool:
+            # A batch whose failures trip the dead-letter cap stops the worker: most likely a
+            # wrong configuration, not bad records, so it must not empty slots on their account.
+            failed = {id(f.msg) for f in failures}
+            return not self.guard.would_trip([id(m) in failed for m in batch.messages])
+
         decoded = decode_batch(batch.messages, convert)
         rows = [(m, r) for m, r in decoded.inputs if isinstance(r, Row)]
         deletes = [(m, d) for m, d in decoded.inputs if isinstance(d, DeleteRequest)]
-        kept, deletes = _drop_superseded([*rows, *refused], deletes)
         failures = list(decoded.failures)
+        if not gaps_wanted(failures):
+            refused.clear()
+        kept, deletes = _drop_superseded([*rows, *refused], deletes)
         stats = self._apply(kept, [d for _, d in deletes],
                             {id(item): msg for msg, item in [*rows, *deletes]}, failures,
-                            batch.progress)
+                            batch.progress, gaps_wanted)
         for action in MergeStats.ACTIONS:
             self.metrics.rows.labels(self.metrics.stage, action).inc(getattr(stats, action))
         self.log.debug("batch_merged", records=len(batch.messages), **vars(stats))
@@ -159,9 +167,12 @@ class WriteProcessor:
 
     def _apply(self, rows: list[Row], deletes: list[DeleteRequest],
                source: dict[int, Message], failures: list[Failure],
-               progress: Callable[[], None]) -> MergeStats:
-        """One transaction for the batch; a row or delete the database refuses is isolated by
-        halving (deletes first, order kept: the result is what one transaction gives)."""
+               progress: Callable[[], None],
+               gaps_wanted: Callable[[Sequence[Failure]], bool]) -> MergeStats:
+        """Tenant deletions first, each batch of them in a transaction of its own (a large one
+        is not redone when a row of the batch is refused), then one transaction for the rest;
+        a row or delete the database refuses is isolated by halving (deletes first, order kept:
+        the result is what one transaction gives)."""
 
         counted = retry_counter(self.metrics, self.log, "database")
 
@@ -195,13 +206,16 @@ class WriteProcessor:
             self.log.warning("batch_bisect", records=len(part), error=str(exc))
 
         stats = MergeStats()
-        items: list[Row | DeleteRequest] = [*deletes, *rows]
-        for result in isolate(items, run, poison=is_permanent, on_poison=on_poison,
-                              on_split=on_split):
-            stats.add(result)
+        tenants: list[Row | DeleteRequest] = [d for d in deletes if d.doc_id is None]
+        items: list[Row | DeleteRequest] = [*(d for d in deletes if d.doc_id is not None), *rows]
+        for part in (tenants, items):
+            for result in isolate(part, run, poison=is_permanent, on_poison=on_poison,
+                                  on_split=on_split):
+                stats.add(result)
         # The rows the database refused leave gaps too, merged after the rest (best effort).
-        for result in isolate(list(gaps), run, poison=is_permanent, on_poison=on_poison):
-            stats.add(result)
+        if gaps and gaps_wanted(failures):
+            for result in isolate(list(gaps), run, poison=is_permanent, on_poison=on_poison):
+                stats.add(result)
         return stats
 
 

@@ -503,3 +503,18 @@ def test_a_batch_of_poison_trips_the_guard_before_sending_its_dead_letters() -> 
     with pytest.raises(DeadLetterRateExceeded):
         s.run([feed.raw(b"{") for _ in range(3)])
     assert s.dead() == []
+
+
+def test_a_batch_that_trips_the_dead_letter_cap_produces_no_gaps() -> None:
+    """Chunks the model fails on, enough of them to stop the worker, leave no gaps: a worker
+    that stops on the cap is most likely broken, and must not empty their slots downstream."""
+    feed = Feed()
+    cfg = replace(CFG, dead_letter=replace(CFG.dead_letter, max_consecutive=3))
+    msgs = [feed.chunk(chunk("nan-text", doc=f"d{i}")) for i in range(3)]
+    s = stage(FakeEncoder(nan_text="nan-text"), cfg=cfg)
+    with pytest.raises(DeadLetterRateExceeded):
+        s.run(msgs)
+    assert s.gaps() == []
+    few = stage(FakeEncoder(nan_text="nan-text"), cfg=cfg)
+    few.run(msgs[:2])
+    assert len(few.gaps()) == 2

@@ -19,6 +19,7 @@ from vecpipe.db.store import MergeStats, Row, collapse
 from vecpipe.deadletter.guard import DeadLetterGuard
 from vecpipe.deadletter.headers import H_CLASS, H_MESSAGE, H_STAGE
 from vecpipe.deadletter.sender import DeadLetters
+from vecpipe.errors import DeadLetterRateExceeded
 from vecpipe.health import Metrics
 from vecpipe.kafka.consumer import Batch
 from vecpipe.logs import get_logger
@@ -342,9 +343,23 @@ def test_rows_published_before_a_tenant_delete_are_dropped() -> None:
     ]
     s = stage()
     s.run(msgs)
-    [call] = s.store.calls
-    assert [(r.tenant_id, r.doc_id) for r in call.rows] == [("other", "d1"), ("acme", "d2")]
-    assert [(d.tenant_id, d.doc_id) for d in call.deletes] == [("acme", None)]
+    # The tenant deletion commits first, in a transaction of its own; then the rows.
+    deletion, merge = s.store.calls
+    assert (deletion.rows, [(d.tenant_id, d.doc_id) for d in deletion.deletes]) == (
+        [], [("acme", None)])
+    assert [(r.tenant_id, r.doc_id) for r in merge.rows] == [("other", "d1"), ("acme", "d2")]
+    assert merge.deletes == []
+
+
+def test_a_row_refused_next_to_a_tenant_deletion_does_not_redo_the_deletion() -> None:
+    """Halving around a refused row repeats the merge, never the tenant deletion before it."""
+    feed = Feed()
+    msgs = [feed.delete(Delete(tenant_id="gone", requested_at="t")),
+            *(feed.emb(chunk(f"d{i}")) for i in range(6))]
+    s = stage(FakeStore(bad_doc="d3"))
+    assert s.run(msgs) == msgs
+    assert sum(1 for c in s.store.calls for d in c.deletes if d.tenant_id == "gone") == 1
+    assert set(s.reasons()) == {4}
 
 
 def test_versioned_delete_keeps_newer_rows_earlier_in_the_batch() -> None:
@@ -495,3 +510,19 @@ def test_a_batch_waiting_out_a_database_outage_keeps_showing_progress() -> None:
         return len(count)
 
     assert beats(FakeStore(deadlock_once=True)) > beats(FakeStore())
+
+
+def test_a_batch_that_trips_the_dead_letter_cap_leaves_no_gaps() -> None:
+    """A writer whose every embedding is refused (a wrong vector.dimension, say) is about to stop
+    on the dead-letter cap: it must not empty the slots of the chunks it refused."""
+    feed = Feed()
+    wrong = np.array([0.6, 0.8, 0.0], dtype=np.float32)
+    msgs = [feed.emb(chunk(f"d{i}"), vector=wrong) for i in range(CFG.dead_letter.max_consecutive)]
+    s = stage()
+    with pytest.raises(DeadLetterRateExceeded):
+        s.run(msgs)
+    assert not [r for c in s.store.calls for r in c.rows if r.gap]
+    # Below the cap the same refusals leave their gaps.
+    few = stage()
+    few.run(msgs[:3])
+    assert len([r for r in few.store.committed_rows if r.gap]) == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 from vecpipe.config import DeadLetterConfig
 from vecpipe.errors import DeadLetterRateExceeded
@@ -18,6 +19,19 @@ class DeadLetterGuard:
         self.cfg = cfg
         self._recent: deque[bool] = deque(maxlen=cfg.window)
         self._consecutive = 0
+
+    def would_trip(self, outcomes: Sequence[bool]) -> bool:
+        """Whether recording ``outcomes`` (True: failed) would trip the cap; records nothing.
+        A stage asks before a side effect that only makes sense if it goes on (a chunk gap)."""
+        trial = DeadLetterGuard(self.cfg)
+        trial._recent.extend(self._recent)
+        trial._consecutive = self._consecutive
+        try:
+            for failed in outcomes:
+                trial.record(failed)
+        except DeadLetterRateExceeded:
+            return True
+        return False
 
     def record(self, failed: bool) -> None:
         """Note one record's outcome; raise :class:`DeadLetterRateExceeded` when over the cap."""
