@@ -330,12 +330,13 @@ def published_header(when: datetime | None = None) -> tuple[str, bytes]:
     return (PUBLISHED_HEADER, when.astimezone(UTC).isoformat(timespec="microseconds").encode())
 
 
-def published_at(headers: HeaderLike, timestamp: tuple[int, int]) -> datetime:
+def published_at(headers: HeaderLike, timestamp: tuple[int, int], *,
+                 check_clock: bool = True) -> datetime:
     """When a record's version or delete was first published: its ``vecpipe.published_at``
     header, else (a record some other client built) its Kafka timestamp, else the epoch.
 
-    Raises InvalidMessage when the header is there but is not an ISO 8601 time, or when the
-    time is more than :data:`MAX_CLOCK_SKEW` ahead of now.
+    Raises InvalidMessage when the header is there but is not an ISO 8601 time, or (with
+    ``check_clock``) when the time is more than :data:`MAX_CLOCK_SKEW` ahead of now.
     """
     text = header_value(headers, PUBLISHED_HEADER)
     if text is not None:
@@ -353,10 +354,10 @@ def published_at(headers: HeaderLike, timestamp: tuple[int, int]) -> datetime:
         except (OverflowError, OSError, ValueError):
             raise InvalidMessage(f"the record's timestamp {ts} is not a time.") from None
         what = f"the record's timestamp {when.isoformat()}"
-    if when > datetime.now(UTC) + MAX_CLOCK_SKEW:
+    if check_clock and when > datetime.now(UTC) + MAX_CLOCK_SKEW:
         raise InvalidMessage(
             f"{what} is more than {MAX_CLOCK_SKEW} ahead of this worker's clock; fix the "
-            "publisher's clock, then replay the record.")
+            "publisher's clock and publish the record again (a replay keeps this time).")
     return when
 
 

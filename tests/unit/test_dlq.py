@@ -40,7 +40,7 @@ from vecpipe.deadletter.select import (
 from vecpipe.deadletter.sender import DeadLetters
 from vecpipe.errors import CommandError
 from vecpipe.kafka.consumer import StopFlag
-from vecpipe.messages import load_schema
+from vecpipe.messages import load_schema, published_header
 from workers.replay import ReplaySummary, _Pacer, _Targets, default_group
 
 NOW = datetime(2024, 5, 1, 3, 0, tzinfo=UTC)
@@ -379,3 +379,12 @@ def test_a_dead_letters_value_names_its_document_over_its_key() -> None:
     assert named(b"", b'{"tenant_id": "acme", "doc_id": "d"}') == ("acme", "d", None)
     assert named(b"acme/doc-7", b'{"tenant_id": "beta"}') == ("beta", None, None)
     assert named(b"acme/doc-7", b'{"version": 3}') == ("acme", "doc-7", 3)
+
+
+def test_a_dead_letter_refused_for_its_future_time_is_probed_at_that_time() -> None:
+    """A record refused because its publish time is ahead of the clock was still published at
+    that time: a delete before it does not cover it."""
+    ahead = datetime.now(UTC) + timedelta(days=2)
+    dead = DeadLetter.of(chunk_record(headers_=[*ORIGINAL_HEADERS, published_header(ahead)]))
+    probe = erasure_probe(dead)
+    assert probe is not None and probe[3] == ahead
