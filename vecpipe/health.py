@@ -4,20 +4,26 @@
 beating and the batch under way keeps making progress (a stalled loop, or a batch stuck in one
 call, turns it 503 so Kubernetes restarts the pod and its partitions go to another member);
 ``/readyz`` answers 200 once the worker is connected and has partitions assigned.
+
+Every series a dashboard panel or an alert reads exists from the start, at zero where it counts:
+a panel then shows 0 and an alert sees 0, never "no data".
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["Health", "Metrics", "serve"]
+__all__ = ["OUTCOMES", "Health", "Metrics", "serve"]
 
+# The outcomes a stage counts its consumed messages by (vecpipe.stages.settle).
+OUTCOMES = ("ok", "dead_letter", "dropped")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -67,7 +73,42 @@ class Metrics:
             "vecpipe_queue_depth", "Messages held in memory (batch under way plus buffered).",
             ["stage"], registry=r,
         )
+        self.last_progress = Gauge(
+            "vecpipe_last_progress_timestamp_seconds",
+            "Unix time the worker last made progress (a loop turn while idle, else a step of "
+            "the batch under way).", ["stage"], registry=r,
+        )
+        self.index_valid = Gauge(
+            "vecpipe_index_valid", "1 while the index is valid and ready, 0 when not.",
+            ["stage", "index"], registry=r,
+        )
+        self.dead_letter_depth = Gauge(
+            "vecpipe_dead_letter_depth",
+            "Records retained on the stage's dead-letter topic (replayed ones too, until the "
+            "topic's retention drops them).",
+            ["stage", "topic"], registry=r,
+        )
         self.stage = s
+        for outcome in OUTCOMES:
+            self.messages.labels(s, outcome)
+        for series in (self.batch_seconds, self.batch_size, self.dead_letters, self.skipped,
+                       self.queue_depth):
+            series.labels(s)
+        self.last_progress.labels(s).set_to_current_time()
+
+    def preset(self, *, retry_kinds: Iterable[str] = (), row_actions: Iterable[str] = (),
+               encodes: bool = False) -> None:
+        """Create the stage's own label sets at zero: its retry kinds, row actions, encoding."""
+        for kind in retry_kinds:
+            self.retries.labels(self.stage, kind)
+        for action in row_actions:
+            self.rows.labels(self.stage, action)
+        if encodes:
+            self.encode_seconds.labels(self.stage)
+
+    def progressed(self) -> None:
+        """The worker made progress now."""
+        self.last_progress.labels(self.stage).set_to_current_time()
 
     def count(self, outcome: str, n: int = 1) -> None:
         """Count ``n`` consumed messages with ``outcome`` (ok, dead_letter, dropped...)."""
@@ -76,10 +117,16 @@ class Metrics:
 
 
 class Health:
-    """Liveness and readiness as the consumer loop reports them."""
+    """Liveness and readiness as the consumer loop reports them.
 
-    def __init__(self, stall_after_s: float) -> None:
+    With ``metrics``, progress also moves ``vecpipe_last_progress_timestamp_seconds``, under
+    the rule that liveness applies: while a batch is under way only its steps count, so a batch
+    stuck in one call stops the clock even though the loop keeps turning.
+    """
+
+    def __init__(self, stall_after_s: float, metrics: Metrics | None = None) -> None:
         self.stall_after_s = stall_after_s
+        self._metrics = metrics
         self._beat = time.monotonic()
         self._batch_progress: float | None = None
         self._ready = False
@@ -89,11 +136,16 @@ class Health:
         """The loop is alive: called on every turn of the poll loop."""
         with self._lock:
             self._beat = time.monotonic()
+            idle = self._batch_progress is None
+        if idle and self._metrics is not None:
+            self._metrics.progressed()
 
     def batch_progress(self) -> None:
         """The batch under way did a step (called from the batch thread)."""
         with self._lock:
             self._batch_progress = time.monotonic()
+        if self._metrics is not None:
+            self._metrics.progressed()
 
     def batch_done(self) -> None:
         """No batch is under way any more."""

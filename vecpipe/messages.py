@@ -41,6 +41,9 @@ __all__ = [
     "MAX_VALUE_BYTES",
     "PUBLISHED_HEADER",
     "SCHEMA_HEADER",
+    "TRACEPARENT_HEADER",
+    "TRACESTATE_HEADER",
+    "TRACE_HEADERS",
     "VERSION_HEADER",
     "Chunk",
     "ChunkGap",
@@ -75,6 +78,12 @@ VERSION_HEADER = "vecpipe.schema.version"
 # decides "published before the delete" from it, never from a Kafka timestamp (a topic may use
 # LogAppendTime, a replay is sent anew).
 PUBLISHED_HEADER = "vecpipe.published_at"
+# An upstream's W3C Trace Context (https://www.w3.org/TR/trace-context/), optional. Every stage
+# carries a well-formed one onto what it makes of the record, and dead letters and replays keep
+# it, so that one document's trace is followed across stages (``vecpipe.tracing`` links to it).
+TRACEPARENT_HEADER = "traceparent"
+TRACESTATE_HEADER = "tracestate"
+TRACE_HEADERS = (TRACEPARENT_HEADER, TRACESTATE_HEADER)
 DOCUMENT = "vecpipe.document"
 CHUNK = "vecpipe.chunk"
 EMBEDDING = "vecpipe.embedding"

@@ -4,6 +4,8 @@ decode -> reuse known vectors -> encode the rest (length-sorted, halving on out-
 refused input) -> normalize and check -> produce in the original order -> settle (dead letters,
 wait for the broker's acknowledgement). Only then does :meth:`EmbedProcessor.process` return
 the records, and only then are their offsets stored: a crash anywhere re-embeds, never loses.
+Each chunk's upstream trace context travels on with its embedding (or gap); the batch is one
+span, linked to each of them (``vecpipe.tracing``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 from confluent_kafka import Message
+from opentelemetry.trace import Tracer
 
 from vecpipe.config import Config
 from vecpipe.deadletter.guard import DeadLetterGuard
@@ -33,6 +36,7 @@ from vecpipe.messages import (
     ChunkGap,
     Delete,
     Embedding,
+    Headers,
     encode_embedding,
     encode_gap,
     published_at,
@@ -44,6 +48,7 @@ from vecpipe.retry import call_with_retry, is_transient
 from vecpipe.stages.bisect import isolate
 from vecpipe.stages.decode import Decoded, decode_batch
 from vecpipe.stages.settle import Failure, Settle, retry_counter
+from vecpipe.tracing import batch_span, get_tracer, trace_headers
 
 __all__ = ["EmbedProcessor", "EncoderLike", "VectorCache"]
 
@@ -109,6 +114,7 @@ class EmbedProcessor:
         metrics: Metrics,
         log: Any,
         cache: VectorCache | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.cfg = cfg
         self.encoder = encoder
@@ -118,6 +124,7 @@ class EmbedProcessor:
         self.metrics = metrics
         self.log = log
         self.cache = cache
+        self.tracer = tracer or get_tracer()
         self.settle = Settle(cfg.retry, producer, dead_letters, guard, metrics, log)
         self._cache_back_at = 0.0  # monotonic time before which a failed cache is not asked
         self.out_topic = cfg.kafka.embeddings_topic
@@ -131,6 +138,11 @@ class EmbedProcessor:
 
     def process(self, batch: Batch) -> list[Message]:
         """Embed, produce and settle; return the records now durable downstream."""
+        with batch_span(self.tracer, "embed", self.cfg.kafka.chunks_topic,
+                        self.cfg.kafka.embed_group, batch.messages):
+            return self._process(batch)
+
+    def _process(self, batch: Batch) -> list[Message]:
         decoded = decode_batch(batch.messages, _chunk_or_delete)
         items = {id(msg): _Item(msg, obj) for msg, obj in decoded.inputs
                  if isinstance(obj, Chunk)}
@@ -169,12 +181,14 @@ class EmbedProcessor:
         rather than keep an older version's text there (schemas/chunk-gap.v1.json)."""
         gap = ChunkGap.of(item.chunk, f"{type(error).__name__}: {error}")
         self.producer.produce(self.out_topic, encode_gap(gap), key=gap.key,
-                              headers=[*schema_headers(GAP), *self._published(item)],
+                              headers=[*schema_headers(GAP), *self._carried(item)],
                               timestamp=item.msg.timestamp()[1])
 
-    def _published(self, item: _Item) -> list[tuple[str, bytes]]:
-        return [(k, v) for k, v in with_published_at(item.msg.headers(), item.msg.timestamp())
-                if k == PUBLISHED_HEADER]
+    def _carried(self, item: _Item) -> Headers:
+        """What travels on from the chunk's record: its publish time (the writer orders the
+        chunk against deletes by it) and its upstream's trace context."""
+        headers = with_published_at(item.msg.headers(), item.msg.timestamp())
+        return [*((k, v) for k, v in headers if k == PUBLISHED_HEADER), *trace_headers(headers)]
 
     def _produce_embedding(self, item: _Item) -> PermanentError | None:
         """Queue the embedding of ``item``; a chunk whose embedding no topic can take (huge
@@ -197,8 +211,7 @@ class EmbedProcessor:
             self.out_topic,
             value,
             key=item.chunk.key,
-            # The publish time travels on: the writer orders the chunk against deletes by it.
-            headers=[*schema_headers(EMBEDDING), *self._published(item)],
+            headers=[*schema_headers(EMBEDDING), *self._carried(item)],
             timestamp=item.msg.timestamp()[1],
         )
         return None
@@ -235,7 +248,9 @@ class EmbedProcessor:
         # Length-sorted batches pad less: every sequence in a forward pass is padded to the longest.
         ordered = sorted(items, key=lambda it: len(it.chunk.text))
         started = time.perf_counter()
-        self._encode_split(ordered, progress)
+        with self.tracer.start_as_current_span("vecpipe.embed encode",
+                                               attributes={"vecpipe.texts": len(ordered)}):
+            self._encode_split(ordered, progress)
         refused = [it.error for it in ordered if isinstance(it.error, _ModelRefused)]
         if len(ordered) > 1 and len(refused) == len(ordered) and not self._model_works():
             # Every input failed, and so does a plain sentence: the model is broken, not the

@@ -17,7 +17,10 @@ from vecpipe.kafka.consumer import BatchConsumer, BatchLimits, Processor, StopFl
 from vecpipe.kafka.producer import DurableProducer
 from vecpipe.logs import configure_logging, get_logger
 from vecpipe.model import Encoder
+from vecpipe.tracing import flush as flush_traces
+from vecpipe.tracing import install as install_tracing
 from workers.embed import EmbedProcessor, EncoderLike, VectorCache
+from workers.gauges import preset, refresher_for
 from workers.write import WriteProcessor
 
 __all__ = ["run_embed", "run_write"]
@@ -39,28 +42,43 @@ def _run(
     log = get_logger()
     ensure_topics(cfg.kafka)
     metrics = Metrics(stage)
+    preset(metrics)
     # A loop that has not turned, or a batch that has not moved, for this long is stuck.
-    health = Health(stall_after_s=max(cfg.ops.stall_after_s, cfg.ops.shutdown_grace_s * 4))
+    health = Health(stall_after_s=max(cfg.ops.stall_after_s, cfg.ops.shutdown_grace_s * 4),
+                    metrics=metrics)
+    server, gauges = None, None
     if cfg.ops.metrics_port:
-        serve(cfg.ops.metrics_port, metrics, health)
+        server = serve(cfg.ops.metrics_port, metrics, health)
         log.info("http_serving", port=cfg.ops.metrics_port,
                  paths=["/metrics", "/healthz", "/readyz"])
-    producer = DurableProducer(cfg.kafka)
-    dead_letters = DeadLetters(producer, cfg.kafka, stage, cfg.ops.worker_id)
-    guard = DeadLetterGuard(cfg.dead_letter)
-    processor = make_processor(producer, dead_letters, guard, metrics, log)
-    if stop is None:
-        stop = StopFlag()
-        stop.install_signal_handlers()
-    loop = BatchConsumer(
-        cfg.kafka, topic, group, processor, limits, log=log, metrics=metrics, health=health,
-        stop=stop, until_idle_s=until_idle_s, shutdown_grace_s=cfg.ops.shutdown_grace_s,
-    )
-    code = loop.run()
+        # Read from the broker and the catalog only when someone can scrape them.
+        gauges = refresher_for(cfg, metrics, log)
+        gauges.start()
     try:
-        producer.close()
-    except Exception as exc:
-        log.warning("producer_close_failed", error=str(exc))
+        producer = DurableProducer(cfg.kafka)
+        dead_letters = DeadLetters(producer, cfg.kafka, stage, cfg.ops.worker_id)
+        guard = DeadLetterGuard(cfg.dead_letter)
+        processor = make_processor(producer, dead_letters, guard, metrics, log)
+        if stop is None:
+            stop = StopFlag()
+            stop.install_signal_handlers()
+        loop = BatchConsumer(
+            cfg.kafka, topic, group, processor, limits, log=log, metrics=metrics, health=health,
+            stop=stop, until_idle_s=until_idle_s, shutdown_grace_s=cfg.ops.shutdown_grace_s,
+        )
+        code = loop.run()
+        try:
+            producer.close()
+        except Exception as exc:
+            log.warning("producer_close_failed", error=str(exc))
+    finally:
+        # However the loop ended (a fatal error included), the port and the threads are freed.
+        if gauges is not None:
+            gauges.stop()
+        flush_traces()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
     return code
 
 
@@ -70,6 +88,7 @@ def run_embed(cfg: Config, until_idle_s: float | None = None,
 
     ``encoder`` defaults to the configured model; tests pass one loaded once per session.
     """
+    install_tracing(cfg, "embed")  # a missing exporter stops the worker here, before the model
     ensure_topics(cfg.kafka)
     if encoder is None:
         encoder = Encoder(cfg.model)
@@ -103,6 +122,7 @@ def run_embed(cfg: Config, until_idle_s: float | None = None,
 def run_write(cfg: Config, until_idle_s: float | None = None,
               stop: StopFlag | None = None) -> int:
     """Run the writer stage until stopped; return the process exit code."""
+    install_tracing(cfg, "write")
     ensure_topics(cfg.kafka)
     pool = make_pool(cfg.database, name="vecpipe-write")
     store = Store(cfg, pool)

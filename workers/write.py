@@ -3,7 +3,8 @@
 decode and convert -> collapse -> COPY into staging -> merge (see ``vecpipe.db.store``) ->
 commit -> settle. A row the database refuses is isolated by halving the batch and
 dead-lettered alone. The records are returned to the consumer loop, which stores their offsets,
-only after the commit.
+only after the commit. The batch is one span, linked to each record's upstream trace context,
+and the merge a child of it (``vecpipe.tracing``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from confluent_kafka import Message
+from opentelemetry.trace import Tracer
 
 from vecpipe.config import Config
 from vecpipe.db.erase import DeleteRequest
@@ -30,6 +32,7 @@ from vecpipe.retry import call_with_retry, is_permanent
 from vecpipe.stages.bisect import isolate
 from vecpipe.stages.decode import Decoded, decode_batch
 from vecpipe.stages.settle import Failure, Settle, retry_counter
+from vecpipe.tracing import batch_span, get_tracer
 
 __all__ = ["StoreLike", "WriteProcessor", "to_row"]
 
@@ -95,6 +98,7 @@ class WriteProcessor:
         metrics: Metrics,
         log: Any,
         worker_id: str,
+        tracer: Tracer | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -104,6 +108,7 @@ class WriteProcessor:
         self.metrics = metrics
         self.log = log
         self.worker_id = worker_id
+        self.tracer = tracer or get_tracer()
         self.settle = Settle(cfg.retry, producer, dead_letters, guard, metrics, log)
 
     def weight(self, msg: Message) -> int:
@@ -112,6 +117,11 @@ class WriteProcessor:
 
     def process(self, batch: Batch) -> list[Message]:
         """Merge the batch in one transaction; return its records once committed."""
+        with batch_span(self.tracer, "write", self.cfg.kafka.embeddings_topic,
+                        self.cfg.kafka.write_group, batch.messages):
+            return self._process(batch)
+
+    def _process(self, batch: Batch) -> list[Message]:
         refused: list[tuple[Message, Row]] = []
 
         def convert(msg: Message, obj: Decoded) -> Row | DeleteRequest:
@@ -136,9 +146,14 @@ class WriteProcessor:
         if not gaps_wanted(failures):
             refused.clear()
         kept, deletes = _drop_superseded([*rows, *refused], deletes)
-        stats = self._apply(kept, [d for _, d in deletes],
-                            {id(item): msg for msg, item in [*rows, *deletes]}, failures,
-                            batch.progress, gaps_wanted)
+        with self.tracer.start_as_current_span(
+                "vecpipe.write merge",
+                attributes={"vecpipe.rows": len(kept), "vecpipe.deletes": len(deletes)}) as span:
+            stats = self._apply(kept, [d for _, d in deletes],
+                                {id(item): msg for msg, item in [*rows, *deletes]}, failures,
+                                batch.progress, gaps_wanted)
+            span.set_attributes({f"vecpipe.rows.{action}": getattr(stats, action)
+                                 for action in MergeStats.ACTIONS})
         for action in MergeStats.ACTIONS:
             self.metrics.rows.labels(self.metrics.stage, action).inc(getattr(stats, action))
         self.log.debug("batch_merged", records=len(batch.messages), **vars(stats))

@@ -9,6 +9,7 @@ Coordination is by events, never by wall-clock time.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -347,3 +348,28 @@ def test_a_batch_that_keeps_making_progress_stays_live() -> None:
     assert health.live
     health.batch_done()
     assert health.live
+
+
+def test_lag_is_reported_only_for_partitions_this_member_owns() -> None:
+    """librdkafka keeps reporting a partition's last lag after a rebalance took it away: a frozen
+    figure would read as lag long after the new owner caught up (and keep a lag alert firing)."""
+    fake = FakeConsumer([], lambda fake: None)
+    consumer = loop(fake, Processor())
+    metrics = consumer.metrics
+
+    def lag(partition: int) -> float | None:
+        return metrics.registry.get_sample_value(
+            "vecpipe_consumer_lag", {"stage": "test", "topic": TOPIC, "partition": str(partition)})
+
+    def stats(**lags: int) -> str:
+        parts = {p.removeprefix("p"): {"consumer_lag": v} for p, v in lags.items()}
+        return json.dumps({"topics": {TOPIC: {"partitions": {"-1": {"consumer_lag": 9}, **parts}}}})
+
+    consumer._on_assign(fake, [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
+    consumer._on_stats(stats(p0=5, p1=7))
+    assert (lag(0), lag(1)) == (5, 7)
+    consumer._on_revoke(fake, [TopicPartition(TOPIC, 1)])
+    consumer._on_stats(stats(p0=3, p1=5000))
+    assert (lag(0), lag(1)) == (3, None)
+    consumer._on_lost(fake, [TopicPartition(TOPIC, 0)])
+    assert lag(0) is None

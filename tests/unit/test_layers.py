@@ -19,7 +19,7 @@ OURS = (*PACKAGES,)
 
 # Which layers a layer may import (its own included). Leaves import only leaves.
 LEAVES = {"vecpipe.errors", "vecpipe.config", "vecpipe.logs", "vecpipe.health",
-          "vecpipe.resources", "vecpipe.messages", "vecpipe.model"}
+          "vecpipe.resources", "vecpipe.messages", "vecpipe.model", "vecpipe.tracing"}
 ALLOWED: dict[str, set[str]] = {
     "leaf": {"leaf"},
     "retry": {"leaf"},
@@ -172,12 +172,13 @@ def test_the_upstream_library_loads_neither_torch_nor_psycopg() -> None:
 
 
 def test_help_loads_no_client_library() -> None:
-    """``vecpipe --help`` builds every command's parser without torch, Kafka or PostgreSQL."""
+    """``vecpipe --help`` builds every command's parser without torch, Kafka, PostgreSQL or
+    OpenTelemetry."""
     code = ("from vecpipe.cli.main import main\n"
             "try:\n"
             "    main(['--help'])\n"
             "except SystemExit:\n"
             "    pass\n")
     heavy = ("torch", "confluent_kafka", "psycopg", "numpy", "sentence_transformers",
-             "jsonschema", "prometheus_client", "tenacity")
+             "jsonschema", "prometheus_client", "tenacity", "opentelemetry")
     assert _loaded_after(code, heavy) == []

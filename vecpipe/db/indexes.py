@@ -43,6 +43,7 @@ __all__ = [
     "index_name",
     "index_state",
     "rebuild",
+    "schema_index_validity",
     "stats",
     "target_name",
     "tenant_index_name",
@@ -142,6 +143,17 @@ def index_state(conn: psycopg.Connection[Any], schema: str, name: str) -> str | 
     if row is None:
         return None
     return "valid" if row[0] else "invalid"
+
+
+def schema_index_validity(conn: psycopg.Connection[Any], schema: str) -> dict[str, bool]:
+    """Every index on the tables of ``schema``: True when valid and ready (usable by queries)."""
+    rows = conn.execute(
+        "SELECT c.relname, i.indisvalid AND i.indisready FROM pg_index i "
+        "JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s",
+        (schema,),
+    ).fetchall()
+    return {name: bool(ok) for name, ok in rows}
 
 
 def create_locked(conn: psycopg.Connection[Any], cfg: Config) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from vecpipe.messages import HeaderLike, Headers, header_list, with_published_at
+from vecpipe.messages import TRACE_HEADERS, HeaderLike, Headers, header_list, with_published_at
 
 __all__ = [
     "ERROR_PREFIXES",
@@ -113,12 +113,20 @@ def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int
             + sum(len(k.encode()) + len(v) + _HEADER_OVERHEAD for k, v in headers))
 
 
+# The longest traceparent or tracestate a cut dead letter keeps (W3C's tracestate bound).
+_MAX_TRACE_HEADER = 512
+
+
+def _last_raw(headers: Headers, name: str) -> bytes | None:
+    return next((v for k, v in reversed(headers) if k == name), None)
+
+
 def fit(key: bytes | None, value: bytes | None, headers: Headers,
         limit: int) -> tuple[bytes | None, bytes | None, Headers]:
     """The dead letter ``(key, value, headers)`` within ``limit`` bytes, so that it can always
-    be sent: the value is cut first, then the record's own headers go, then the key is cut; the
-    error headers stay. What was cut is said in H_TRUNCATED, the size before in
-    H_ORIGINAL_BYTES. A record within the limit comes back as it is."""
+    be sent: the value is cut first, then the record's own headers go (but its trace context),
+    then the key is cut; the error headers stay. What was cut is said in H_TRUNCATED, the size
+    before in H_ORIGINAL_BYTES. A record within the limit comes back as it is."""
     original = record_size(key, value, headers)
     if original <= limit:
         return key, value, headers
@@ -129,8 +137,10 @@ def fit(key: bytes | None, value: bytes | None, headers: Headers,
     room = limit - record_size(key, b"", [*own, *errors, *note])
     if room < 0 and own:
         cut.append("headers")
-        own = []
-        room = limit - record_size(key, b"", [*errors, *note])
+        # The trace context is small and bounded: it stays, so the failure stays in its trace.
+        own = [(name, v) for name in TRACE_HEADERS
+               if (v := _last_raw(own, name)) is not None and len(v) <= _MAX_TRACE_HEADER]
+        room = limit - record_size(key, b"", [*own, *errors, *note])
     if value:
         cut.insert(0, "value")
         value = value[: max(room, 0)]

@@ -17,11 +17,12 @@ the prefetch bounds).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from types import FrameType
@@ -216,7 +217,10 @@ class BatchConsumer:
         for tname, topic in stats.get("topics", {}).items():
             for pid, part in topic.get("partitions", {}).items():
                 lag = part.get("consumer_lag", -1)
-                if pid != "-1" and lag >= 0:
+                # librdkafka goes on reporting partitions this member no longer owns (their
+                # last lag, frozen): only the owner's figure is the partition's lag.
+                owned = pid != "-1" and (tname, int(pid)) in self._assigned
+                if owned and lag >= 0:
                     self.metrics.lag.labels(self.metrics.stage, tname, pid).set(lag)
 
     def _on_assign(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
@@ -243,8 +247,7 @@ class BatchConsumer:
         self._pending = [m for m in self._pending if (m.topic(), m.partition()) not in gone_set]
         self._recount()
         self._commit()
-        self._assigned.difference_update(gone)
-        self.health.set_ready(bool(self._assigned))
+        self._forget(gone)
 
     def _on_lost(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         # The group moved on without us: our offsets would be rejected, so only drop state.
@@ -254,7 +257,15 @@ class BatchConsumer:
             self._inflight[0].revoke(list(gone))
         self._pending = [m for m in self._pending if (m.topic(), m.partition()) not in gone]
         self._recount()
-        self._assigned.difference_update(gone)
+        self._forget(gone)
+
+    def _forget(self, gone: Iterable[TP]) -> None:
+        """Partitions no longer ours: not assigned, and their lag is no longer ours to report
+        (a frozen figure would read as lag after the new owner caught up)."""
+        for tp in gone:
+            self._assigned.discard(tp)
+            with contextlib.suppress(KeyError):  # KeyError: never reported
+                self.metrics.lag.remove(self.metrics.stage, tp[0], str(tp[1]))
         self.health.set_ready(bool(self._assigned))
 
     # -- offsets ------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ A stage hands over the records it finished and the failures among them. Settling
 dead-letter rate guard (which stops a worker whose input mostly fails, before it sends any of
 the batch's dead letters), sends each failure to its dead-letter topic, waits until the broker
 acknowledged everything the stage produced (its output and the dead letters, retrying a
-transient failure, and counting it), and counts outcomes. Only then are the records returned to the
-consumer loop, which stores their offsets: a crash before that redoes the batch, never loses it.
+transient failure, and counting it), and counts outcomes (the dead letters on the batch span
+too). Only then are the records returned to the consumer loop, which stores their offsets: a
+crash before that redoes the batch, never loses it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from vecpipe.deadletter.guard import DeadLetterGuard
 from vecpipe.deadletter.sender import DeadLetters
 from vecpipe.health import Metrics
 from vecpipe.retry import call_with_retry
+from vecpipe.tracing import count_dead_letters
 
 __all__ = ["Failure", "Flushable", "Settle", "retry_counter"]
 
@@ -90,5 +92,6 @@ class Settle:
         self.metrics.count("ok", len(done) - dead)
         self.metrics.count("dead_letter", dead)
         self.metrics.dead_letters.labels(self.metrics.stage).inc(dead)
+        count_dead_letters(dead)
         self.metrics.count("dropped", len(batch) - len(done))
         return done
