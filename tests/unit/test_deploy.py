@@ -6,7 +6,9 @@ helm binary when one is installed (scripts/install-helm.sh), else those tests ar
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 import os
 import re
 import shlex
@@ -445,3 +447,191 @@ def test_helm_gpu_embed(helm: str) -> None:
     default = _deployment(_render(helm), "embed")["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in default["containers"][0]["resources"].get("limits", {})
     assert "tolerations" not in default
+
+
+# -- Monitoring: the dashboard and the alert rules, in compose and in the chart -------------------
+
+FILES = CHART / "files"
+DASHBOARD = FILES / "vecpipe-dashboard.json"
+ALERTS = FILES / "vecpipe-alerts.yml"
+MONITORING_ON = ("monitoring.dashboard.enabled=true", "monitoring.prometheusRule.enabled=true",
+                 "monitoring.serviceMonitor.enabled=true")
+
+
+def _mounts(service: Mapping[str, Any]) -> dict[str, Path]:
+    """Container path -> host path of a compose service's bind mounts (each must exist)."""
+    mounts: dict[str, Path] = {}
+    for volume in service.get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        if source.startswith("."):
+            host = (ROOT / source).resolve()
+            assert host.exists(), f"compose mounts {source}, which does not exist"
+            mounts[target] = host
+    return mounts
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    data = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in data["groups"] for rule in group["rules"]]
+
+
+def _worker_job_pattern() -> str:
+    """The job regex by which the alert rules select the workers' targets."""
+    (expr,) = [r["expr"] for r in _alert_rules() if r.get("alert") == "VecpipeTargetDown"]
+    found = re.search(r'up\{job=~"([^"]+)"\}', expr)
+    assert found, expr
+    return found.group(1)
+
+
+def test_compose_prometheus_scrapes_the_workers_and_loads_the_rules() -> None:
+    """Compose's Prometheus loads the chart's rules file and scrapes each worker's metrics port
+    under the job name the rules select (vecpipe-<stage>)."""
+    services = _services()
+    prometheus = services["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:v2.")
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    mounts = _mounts(prometheus)
+    config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
+    rules = [mounts[str(Path("/etc/prometheus") / f)] for f in config["rule_files"]]
+    assert rules == [ALERTS.resolve()]
+    jobs = {job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
+            for job in config["scrape_configs"]}
+    for stage in STAGES:
+        port = _environment(services[stage])["VECPIPE_METRICS_PORT"]
+        assert jobs[f"vecpipe-{stage}"] == [f"{stage}:{port}"]
+        assert re.fullmatch(_worker_job_pattern(), f"vecpipe-{stage}")
+    assert "9090:9090" in prometheus["ports"]
+
+
+def test_compose_grafana_provisions_prometheus_and_the_dashboard() -> None:
+    """Compose's Grafana has compose's Prometheus as its default data source and loads the
+    chart's dashboard file from the folder its dashboard provider reads."""
+    grafana = _services()["grafana"]
+    assert grafana["image"].startswith("grafana/grafana:")
+    mounts = _mounts(grafana)
+    datasources = [yaml.safe_load(host.read_text()) for target, host in mounts.items()
+                   if target.startswith("/etc/grafana/provisioning/datasources/")]
+    (source,) = [d for f in datasources for d in f["datasources"]]
+    assert source["type"] == "prometheus" and source["isDefault"] is True
+    assert source["url"] == "http://prometheus:9090"
+    providers = [yaml.safe_load(host.read_text()) for target, host in mounts.items()
+                 if target.startswith("/etc/grafana/provisioning/dashboards/")]
+    (provider,) = [p for f in providers for p in f["providers"]]
+    folder = provider["options"]["path"].rstrip("/")
+    dashboards = [host for target, host in mounts.items() if target.startswith(folder + "/")]
+    assert dashboards == [DASHBOARD.resolve()]
+    # The panels take their data source from a variable, which the default one fills.
+    variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    assert any(v["type"] == "datasource" and v["query"] == "prometheus" for v in variables)
+
+
+def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """Whether a Kubernetes label selector selects ``labels``."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        holds = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+                 "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not holds:
+            return False
+    return True
+
+
+def _dashboard_configmaps(manifests: tuple[Manifest, ...], label: str = "grafana_dashboard",
+                          value: str = "1") -> list[Manifest]:
+    return [m for m in _of_kind(manifests, "ConfigMap")
+            if m["metadata"]["labels"].get(label) == value]
+
+
+def test_helm_monitoring_is_off_by_default(helm: str) -> None:
+    """By default the chart renders no dashboard ConfigMap, PrometheusRule or ServiceMonitor;
+    each value renders its own object only."""
+    manifests = _render(helm)
+    assert _dashboard_configmaps(manifests) == []
+    assert _of_kind(manifests, "PrometheusRule") == []
+    assert _of_kind(manifests, "ServiceMonitor") == []
+    for one, kind in zip(MONITORING_ON, ("ConfigMap", "PrometheusRule", "ServiceMonitor"),
+                         strict=True):
+        extra = Counter(m["kind"] for m in _render(helm, one)) - Counter(m["kind"]
+                                                                          for m in manifests)
+        assert extra == Counter({kind: 1}), one
+
+
+def test_helm_lint_with_monitoring(helm: str) -> None:
+    """`helm lint --strict` passes with the dashboard, the rules and the ServiceMonitor on."""
+    args = ["lint", "--strict", str(CHART)]
+    for s in MONITORING_ON:
+        args += ["--set", s]
+    _helm(helm, *args)
+
+
+def test_helm_dashboard_configmap_is_the_dashboard_file(helm: str) -> None:
+    """The dashboard ConfigMap holds the dashboard file's JSON, labelled for Grafana's sidecar;
+    the label, its value and the namespace are values."""
+    (cm,) = _dashboard_configmaps(_render(helm, "monitoring.dashboard.enabled=true"))
+    (text,) = cm["data"].values()
+    assert json.loads(text) == json.loads(DASHBOARD.read_text())
+    custom = _render(helm, "monitoring.dashboard.enabled=true",
+                     "monitoring.dashboard.label=dash", "monitoring.dashboard.labelValue=yes",
+                     "monitoring.dashboard.namespace=grafana",
+                     "monitoring.dashboard.annotations.grafana_folder=vecpipe")
+    (cm,) = _dashboard_configmaps(custom, "dash", "yes")
+    assert cm["metadata"]["namespace"] == "grafana"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "vecpipe"}
+
+
+def test_helm_prometheus_rule_is_the_rules_file(helm: str) -> None:
+    """The PrometheusRule's groups are the rules file's, with the Prometheus' selector labels."""
+    manifests = _render(helm, "monitoring.prometheusRule.enabled=true",
+                        "monitoring.prometheusRule.labels.release=kube-prometheus-stack")
+    (rule,) = _of_kind(manifests, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["spec"] == yaml.safe_load(ALERTS.read_text())
+
+
+def test_helm_prometheus_rule_runbook_base_url(helm: str) -> None:
+    """monitoring.runbookBaseUrl moves every runbook link to that base, keeping its anchor, and
+    changes nothing else."""
+    base = "https://wiki.example.com/vecpipe"
+    manifests = _render(helm, "monitoring.prometheusRule.enabled=true",
+                        f"monitoring.runbookBaseUrl={base}/")
+    (rule,) = _of_kind(manifests, "PrometheusRule")
+    got = copy.deepcopy([r for g in rule["spec"]["groups"] for r in g["rules"]])
+    want = _alert_rules()
+    assert len(got) == len(want)
+    for mine, theirs in zip(got, want, strict=True):
+        url, original = mine["annotations"].pop("runbook_url"), theirs["annotations"].pop(
+            "runbook_url")
+        assert url == f"{base}#{original.partition('#')[2]}"
+        assert mine == theirs
+
+
+def test_helm_service_monitor_scrapes_the_metrics_services(helm: str) -> None:
+    """The ServiceMonitor selects exactly the stages' metrics Services in the release's
+    namespace, scrapes their metrics port and names their jobs as the alert rules select them."""
+    manifests = _render(helm, "monitoring.serviceMonitor.enabled=true",
+                        "monitoring.serviceMonitor.interval=15s")
+    (monitor,) = _of_kind(manifests, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["default"]}
+    services = _of_kind(manifests, "Service")
+    assert len(services) == len(STAGES)
+    selector = monitor["spec"]["selector"]
+    selected = [s for s in services if _selects(selector, s["metadata"]["labels"])]
+    assert selected == services
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics" and endpoint["interval"] == "15s"
+    (relabel,) = endpoint["relabelings"]
+    assert relabel["targetLabel"] == "job"
+    for service in services:
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+        # Prometheus' service discovery names the Service's labels so.
+        (source,) = relabel["sourceLabels"]
+        key = source.removeprefix("__meta_kubernetes_service_label_")
+        value = {re.sub(r"[^a-zA-Z0-9_]", "_", k): v
+                 for k, v in service["metadata"]["labels"].items()}[key]
+        job = relabel["replacement"].replace("$1", value)
+        assert job == f"vecpipe-{service['metadata']['labels']['app.kubernetes.io/component']}"
+        assert re.fullmatch(_worker_job_pattern(), job)
