@@ -10,6 +10,11 @@ A replayed record is sent anew, with a timestamp of now, so that the target topi
 counts from the replay; its original publish time travels in its ``vecpipe.published_at``
 header (taken from its Kafka timestamp for a dead letter written before that header existed),
 and that is what the writer orders it by against deletes.
+
+Given a :class:`ReplayAudit` (``vecpipe dlq replay`` always gives one), a replay records itself
+before it reads or sends anything, and does not run if it cannot; it reports its counts as it
+goes and completes the record when it ends, however it ends. A record that cannot be completed
+does not undo what was sent: the summary says so (``audit_problem``) and the log holds the counts.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import (
     Consumer,
@@ -31,7 +36,7 @@ from confluent_kafka import (
 from vecpipe.config import Config
 from vecpipe.deadletter.headers import DeadLetter, replay_headers
 from vecpipe.deadletter.select import Decision, ErasedCheck, Filters, decide, source_topic
-from vecpipe.errors import ReplayError
+from vecpipe.errors import ReplayError, VecpipeError
 from vecpipe.kafka.admin import admin_client, committed_offsets, topic_partitions, watermarks
 from vecpipe.kafka.consumer import StopFlag
 from vecpipe.kafka.producer import DurableProducer
@@ -39,6 +44,7 @@ from vecpipe.kafka.reader import read_range, reader
 from vecpipe.retry import call_with_retry
 
 __all__ = [
+    "ReplayAudit",
     "ReplayOptions",
     "ReplaySummary",
     "default_group",
@@ -49,6 +55,20 @@ _ASSIGN_TIMEOUT_S = 60.0
 _PROGRESS_EVERY_S = 5.0
 
 OnRecord = Callable[[DeadLetter, Decision, str | None], None]
+
+
+class ReplayAudit(Protocol):
+    """Where a replay records itself (``vecpipe.db.audit.ReplayAuditLog``). Each method raises
+    :class:`ReplayError` with a sentence when it cannot write."""
+
+    def started(self, topic: str, group: str, dry_run: bool) -> None:
+        """Record the start; raising means the replay must not run."""
+
+    def progress(self, counts: dict[str, Any]) -> None:
+        """Record the counts so far (``ReplaySummary.to_json``)."""
+
+    def finished(self, counts: dict[str, Any], ended: str | None, error: str | None) -> None:
+        """Record the end: ``error`` is None when it ended well, else the sentence why not."""
 
 
 def default_group(dlq_topic: str) -> str:
@@ -93,6 +113,8 @@ class ReplaySummary:
     by_class: Counter[str] = field(default_factory=Counter)
     skipped_max_by_class: Counter[str] = field(default_factory=Counter)
     targets: Counter[str] = field(default_factory=Counter)
+    # Why the audit record could not be completed (it stays 'running'), if it could not.
+    audit_problem: str = ""
 
     def count(self, dead: DeadLetter, decision: Decision, target: str | None) -> None:
         """Add one decided record."""
@@ -177,12 +199,13 @@ class _Targets:
 
 def replay(
     cfg: Config, topic: str, opts: ReplayOptions, *, stop: StopFlag, log: Any,
-    on_record: OnRecord | None = None,
+    on_record: OnRecord | None = None, audit: ReplayAudit | None = None,
 ) -> ReplaySummary:
     """Replay the records of dead-letter ``topic`` that ``opts`` picks; see the module docstring.
 
     ``on_record`` hears about every record decided (replayed or skipped), after the decision
-    and, for a replayed one, after it was queued for sending.
+    and, for a replayed one, after it was queued for sending. ``audit`` records the replay:
+    when its ``started`` raises, nothing is read or sent.
     """
     group = opts.group or default_group(topic)
     if opts.to == topic:
@@ -191,6 +214,52 @@ def replay(
             "records forever. Name the topic the records should go back to."
         )
     summary = ReplaySummary(topic, group, opts.dry_run, cfg.dead_letter.max_replays)
+    if audit is None:
+        return _replay(cfg, topic, opts, summary, stop, log, on_record, lambda: None)
+    audit.started(topic, group, opts.dry_run)
+    try:
+        _replay(cfg, topic, opts, summary, stop, log, on_record,
+                lambda: _report(audit, summary, log))
+    except BaseException as exc:
+        _complete(audit, summary, None, _sentence(exc), log)
+        raise
+    _complete(audit, summary, summary.ended, summary.halt_reason or None, log)
+    return summary
+
+
+def _sentence(exc: BaseException) -> str:
+    """What a failed replay's audit record says about why it failed."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, VecpipeError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _report(audit: ReplayAudit, summary: ReplaySummary, log: Any) -> None:
+    """Store the counts so far; a replay does not stop for a progress report that failed."""
+    try:
+        audit.progress(summary.to_json())
+    except ReplayError as exc:
+        log.warning("replay_audit_progress_failed", problem=str(exc))
+
+
+def _complete(audit: ReplayAudit, summary: ReplaySummary, ended: str | None,
+              error: str | None, log: Any) -> None:
+    """Complete the audit record. What was sent stays sent if that fails: the summary carries
+    the problem, and this log line the final counts."""
+    counts = summary.to_json()
+    try:
+        audit.finished(counts, ended, error)
+    except ReplayError as exc:
+        summary.audit_problem = str(exc)
+        log.error("replay_audit_incomplete", problem=str(exc), failure=error, **counts)
+
+
+def _replay(cfg: Config, topic: str, opts: ReplayOptions, summary: ReplaySummary,
+            stop: StopFlag, log: Any, on_record: OnRecord | None,
+            report: Callable[[], None]) -> ReplaySummary:
+    """The replay proper, into ``summary``; ``report`` stores its progress."""
+    group = summary.group
     consumer = reader(cfg.kafka, "dlq-replay", group=group)
     try:
         parts = topic_partitions(consumer, topic)
@@ -226,7 +295,7 @@ def replay(
             summary.ended = "nothing_left"
             return summary
         _Replayer(consumer, cfg, topic, opts, set(selected), starts, ends, summary, stop,
-                  on_record, targets, log).run()
+                  on_record, targets, log, report).run()
         return summary
     finally:
         consumer.close()
@@ -310,7 +379,7 @@ class _Replayer:
     def __init__(self, consumer: Consumer, cfg: Config, topic: str, opts: ReplayOptions,
                  selected: set[int], starts: dict[int, int], ends: dict[int, int],
                  summary: ReplaySummary, stop: StopFlag, on_record: OnRecord | None,
-                 targets: _Targets, log: Any) -> None:
+                 targets: _Targets, log: Any, report: Callable[[], None]) -> None:
         self.consumer = consumer
         self.cfg = cfg
         self.topic = topic
@@ -322,6 +391,7 @@ class _Replayer:
         self.on_record = on_record
         self.targets = targets
         self.log = log
+        self.report = report
         self.assigned: set[int] = set()
         self.done = {p for p in selected if starts[p] >= ends[p]}
         self.source = source_topic(topic, cfg.kafka.dlq_suffix)
@@ -374,11 +444,13 @@ class _Replayer:
                 if time.monotonic() - last_report >= _PROGRESS_EVERY_S:
                     last_report = time.monotonic()
                     self.log.info("replay_progress", **self.summary.to_json())
+                    self.report()  # after the commit: these counts were all acknowledged
         finally:
             self.producer.close()
 
-    def _limit_reached(self) -> bool:
-        return self.opts.limit is not None and self.summary.replayed >= self.opts.limit
+    def _limit_reached(self, pending: int = 0) -> bool:
+        return (self.opts.limit is not None
+                and self.summary.replayed + pending >= self.opts.limit)
 
     def _room(self) -> int:
         if self.opts.limit is None:
@@ -388,6 +460,9 @@ class _Replayer:
     def _batch(self, msgs: list[Any]) -> str | None:
         """Decide and send one batch, flush, then commit; return why it must halt, if it must."""
         progress: dict[int, int] = {}
+        # Counted into the summary only once the broker has acknowledged them: the audit row
+        # of a replay that fails at a flush must not claim records that were never delivered.
+        decided_here: list[tuple[DeadLetter, Decision, str | None]] = []
         halt: str | None = None
         deads = {id(m): DeadLetter.of(m) for m in msgs if m.error() is None}
         decided = dict(zip(deads, _decisions(list(deads.values()), self.cfg, self.opts,
@@ -409,7 +484,8 @@ class _Replayer:
             if offset >= self.ends[p]:
                 self.done.add(p)  # arrived after the replay started: the next replay's work
                 continue
-            if self.stop.is_set() or self._limit_reached():
+            pending = sum(1 for _, d, _ in decided_here if d is Decision.REPLAY)
+            if self.stop.is_set() or self._limit_reached(pending):
                 break
             dead = deads[id(msg)]
             decision, target = decided[id(msg)]
@@ -421,20 +497,24 @@ class _Replayer:
                 # Sent anew (a timestamp of now); the publish time travels in its header.
                 self.producer.produce(target, dead.value, key=dead.key,
                                       headers=replay_headers(dead))
-            self.summary.count(dead, decision, target)
+            decided_here.append((dead, decision, target))
             if self.on_record is not None:
                 self.on_record(dead, decision, target)
             progress[p] = offset + 1
             if offset + 1 >= self.ends[p] or self.opts.filters.past_end(p, offset + 1):
                 self.done.add(p)
-        self._flush_and_commit(progress)
+        self._flush_and_commit(progress, decided_here)
         return halt
 
-    def _flush_and_commit(self, progress: dict[int, int]) -> None:
-        """Only acknowledged records count as done: flush first, then store the progress."""
+    def _flush_and_commit(self, progress: dict[int, int],
+                          decided: list[tuple[DeadLetter, Decision, str | None]]) -> None:
+        """Only acknowledged records count as done: flush first, count, then store the
+        progress."""
         if not progress:
             return
         call_with_retry(self.cfg.retry, self.producer.flush)
+        for dead, decision, target in decided:
+            self.summary.count(dead, decision, target)
         offsets = [TopicPartition(self.topic, p, o) for p, o in sorted(progress.items())]
 
         def commit() -> None:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from producers.publisher import Publisher
-from tests.helpers import read_topic, run_cli, run_stage
+from tests.helpers import env_for, read_topic, run_cli, run_stage
 from vecpipe.config import with_section
+from vecpipe.db.audit import ReplayAuditLog
 from vecpipe.db.erase import DeleteRequest
 from vecpipe.db.pool import connect, make_pool
 from vecpipe.db.store import Store
@@ -134,6 +139,14 @@ def stored(cfg: Any) -> list[tuple[Any, ...]]:
             "xmin::text FROM chunks").fetchall())
 
 
+def replay_rows(cfg: Any) -> list[dict[str, Any]]:
+    """The replay audit's rows, oldest first."""
+    with connect(cfg.database) as conn:
+        cur = conn.execute("SELECT * FROM replay_audit ORDER BY id")
+        names = [c.name for c in cur.description or []]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
 def publish(cfg: Any, docs: dict[str, str]) -> None:
     """Publish ``docs`` through the Python API."""
     with Publisher(cfg) as pub:
@@ -251,9 +264,10 @@ def test_a_record_failing_again_returns_with_a_higher_replay_count_until_max_rep
     assert "2 record(s) were already replayed 1 time(s)" in out
 
 
-def test_interrupted_replay_resumes_without_sending_anything_twice(cfg: Any) -> None:
+def test_interrupted_replay_resumes_without_sending_anything_twice(migrated: Any) -> None:
     """A replay stopped mid-way (StopFlag, then --limit) resumes where the acknowledged records
     end: the target gets every record exactly once, with its key, value and publish time."""
+    cfg = migrated
     docs = {f"d{i:02d}": f"text number {i}" for i in range(10)}
     failures = failed_chunks(cfg, docs)
     dlq = dead_letter(cfg, failures)
@@ -289,9 +303,10 @@ def test_interrupted_replay_resumes_without_sending_anything_twice(cfg: Any) -> 
         assert header_value(m.headers(), "trace-id") == "t-1"
 
 
-def test_dry_run_sends_nothing_and_filters_pick_the_records(cfg: Any) -> None:
+def test_dry_run_sends_nothing_and_filters_pick_the_records(migrated: Any) -> None:
     """--dry-run lists what would go and stores no progress; --error-class and --key-pattern
     then replay exactly the records they name."""
+    cfg = migrated
     dlq = dead_letter(cfg, [
         *failed_chunks(cfg, {"a1": "x one", "a2": "x two"}, tenant="tenant-a",
                        exc=PermanentError("bad a")),
@@ -391,9 +406,11 @@ def test_dead_letter_rate_cap_stops_a_worker_fed_mostly_bad_messages(
     assert [r[1] for r in stored(cfg)] == sorted(good)
 
 
-def test_a_second_replay_of_the_same_topic_is_refused_while_one_runs(cfg: Any) -> None:
+def test_a_second_replay_of_the_same_topic_is_refused_while_one_runs(migrated: Any) -> None:
     """Two operators replaying the same topic at once would send everything twice: the second
-    one is refused with a sentence, and the first one's records arrive once."""
+    one is refused with a sentence (and audited as failed with it), and the first one's records
+    arrive once."""
+    cfg = migrated
     docs = {f"r{i}": f"rate text {i}" for i in range(6)}
     failures = failed_chunks(cfg, docs)
     dlq = dead_letter(cfg, failures)
@@ -415,6 +432,9 @@ def test_a_second_replay_of_the_same_topic_is_refused_while_one_runs(cfg: Any) -
         assert second.returncode == 2, second.stdout
         assert "another replay of this topic is running" in second.stderr
         assert "Traceback" not in second.stderr
+        [refused] = replay_rows(cfg)
+        assert refused["status"] == "failed" and refused["finished_at"] is not None
+        assert "another replay of this topic is running" in refused["error"]
     finally:
         stop.set()
         thread.join(60)
@@ -449,10 +469,11 @@ def test_inspect_follow_shows_new_dead_letters_as_they_arrive(cfg: Any) -> None:
     assert [d.key_text for d in seen] == ["default/old", "default/new"]
 
 
-def test_a_replay_is_sent_anew_and_keeps_the_publish_time_in_its_header(cfg: Any) -> None:
+def test_a_replay_is_sent_anew_and_keeps_the_publish_time_in_its_header(migrated: Any) -> None:
     """A replayed record gets a timestamp of now, so that a target with a short retention keeps
     it however old it is, and carries its original publish time in vecpipe.published_at (from
     its timestamp, for a dead letter written before that header existed)."""
+    cfg = migrated
     from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
     now_ms = int(time.time() * 1000)
@@ -494,3 +515,189 @@ def test_dead_letters_a_later_deletion_covers_are_neither_shown_nor_replayed(
     replayed = [m for m in read_topic(cfg, cfg.kafka.chunks_topic)
                 if header_value(m.headers(), H_REPLAYS) is not None]
     assert [m.key() for m in replayed] == [b"default/kept"]
+
+
+# -- the replay audit ---------------------------------------------------------------------------
+
+def mixed_dead_letters(cfg: Any) -> str:
+    """Three PermanentErrors and one KeyError on the chunks topic's dead-letter topic."""
+    return dead_letter(cfg, [
+        *failed_chunks(cfg, {f"m{i}": f"mixed text {i}" for i in range(3)}),
+        *failed_chunks(cfg, {"k0": "key error text"}, exc=KeyError("k")),
+    ])
+
+
+def test_a_replay_records_who_ran_it_with_which_flags_and_what_went_where(
+        migrated: Any) -> None:
+    """One replay_audit row per replay: the actor (--actor, else VECPIPE_ACTOR, else user@host),
+    the flags as given, status done, and counts equal to what reached the target topic."""
+    cfg = migrated
+    dlq = mixed_dead_letters(cfg)
+    target = f"{cfg.kafka.chunks_topic}.replayed"
+    ensure_topics(cfg.kafka, [target])
+
+    out = run_cli(cfg, "dlq", "replay", "chunks", "--json", "--to", target, "--error-class",
+                  "permanent", "--since", "1h", "--limit", "2", "--actor", "alice (INC-7)",
+                  extra_env={"VECPIPE_ACTOR": "not-me"}).stdout.strip().splitlines()
+    printed = json.loads(out[-1])
+    [row] = replay_rows(cfg)
+    assert printed["audit"] == {"id": row["id"], "actor": "alice (INC-7)", "complete": True}
+    sent = read_topic(cfg, target)
+    assert (row["actor"], row["status"], row["ended"], row["dry_run"], row["error"]) == (
+        "alice (INC-7)", "done", "limit", False, None)
+    assert (row["dlq_topic"], row["consumer_group"]) == (dlq, default_group(dlq))
+    assert row["worker"].startswith(socket.gethostname())  # the CLI process's ops.worker_id
+    assert row["started_at"] <= row["finished_at"]
+    since_at = datetime.fromisoformat(row["filters"].pop("since_at"))
+    assert abs((datetime.now(UTC) - since_at).total_seconds() - 3600) < 600
+    assert row["filters"] == {"topic": "chunks", "to": target, "error_class": "permanent",
+                              "since": "1h", "limit": 2}
+    assert row["counts"] == printed["summary"]
+    assert row["counts"]["replayed"] == len(sent) == 2
+    assert row["counts"]["targets"] == {target: len(sent)}
+    assert row["counts"]["by_error_class"] == {"vecpipe.errors.PermanentError": 2}
+
+    rest = replay_cli(cfg, dlq, "--to", target, extra_env={"VECPIPE_ACTOR": "ci-job-9"})
+    second = replay_rows(cfg)[-1]
+    assert second["actor"] == "ci-job-9" and second["filters"] == {"topic": dlq, "to": target}
+    assert second["counts"]["replayed"] == rest["replayed"] == len(read_topic(cfg, target)) - 2
+    assert second["counts"]["skipped_by_filter"] == 0
+
+    run_cli(cfg, "dlq", "replay", dlq, "--to", target)
+    third = replay_rows(cfg)[-1]
+    assert third["actor"] == f"{getpass.getuser()}@{socket.gethostname()}"
+    assert (third["ended"], third["counts"]["replayed"]) == ("nothing_left", 0)
+
+
+def test_a_dry_run_is_recorded_as_one(migrated: Any) -> None:
+    """A dry run leaves a row marked dry_run, with what it would have replayed, and nothing on
+    the target topic."""
+    cfg = migrated
+    dlq = mixed_dead_letters(cfg)
+    target = f"{cfg.kafka.chunks_topic}.replayed"
+    ensure_topics(cfg.kafka, [target])
+    summary = replay_cli(cfg, dlq, "--to", target, "--dry-run", "--key-pattern", "default/m*")
+    [row] = replay_rows(cfg)
+    assert (row["dry_run"], row["status"], row["ended"]) == (True, "done", "end")
+    assert row["filters"] == {"topic": dlq, "to": target, "key_pattern": "default/m*"}
+    assert row["counts"]["replayed"] == summary["replayed"] == 3
+    assert row["counts"]["skipped_by_filter"] == 1
+    assert read_topic(cfg, target, timeout=3) == []
+
+
+def test_a_replay_whose_audit_row_cannot_be_written_sends_nothing(migrated: Any) -> None:
+    """A schema without replay_audit (not migrated since this version) cannot record the
+    replay, so the replay refuses in one sentence: nothing sent, no progress stored."""
+    cfg = migrated
+    dlq = mixed_dead_letters(cfg)
+    target = f"{cfg.kafka.chunks_topic}.replayed"
+    ensure_topics(cfg.kafka, [target])
+    with connect(cfg.database) as conn:
+        conn.execute("DROP TABLE replay_audit")
+        conn.commit()
+    proc = run_cli(cfg, "dlq", "replay", dlq, "--to", target, check=False)
+    assert proc.returncode == 2, proc.stdout
+    assert "no replay_audit table; run 'vecpipe migrate' first" in proc.stderr
+    assert "the replay did not run" in proc.stderr and "Traceback" not in proc.stderr
+    assert read_topic(cfg, target, timeout=3) == []
+    assert offsets_committed(cfg.kafka, default_group(dlq), dlq) == {}
+
+    proc = run_cli(cfg, "dlq", "replay", dlq, "--to", target, "--dry-run", check=False)
+    assert proc.returncode == 2 and "would replay" not in proc.stdout
+
+
+def test_the_audit_row_exists_before_the_first_record_is_sent_and_outlives_a_kill(
+        migrated: Any) -> None:
+    """The row is written (running) before anything is sent, so a replay killed mid-way (kill
+    -9) leaves it running, with no finish time, for `vecpipe audit --replays` to show."""
+    cfg = migrated
+    dlq = dead_letter(cfg, failed_chunks(cfg, {f"s{i}": f"slow text {i}" for i in range(10)}))
+    target = f"{cfg.kafka.chunks_topic}.replayed"
+    ensure_topics(cfg.kafka, [target])
+    group = default_group(dlq)
+    proc = subprocess.Popen([sys.executable, "-m", "vecpipe.cli", "dlq", "replay", dlq,
+                             "--to", target, "--rate", "1"], env=env_for(cfg),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        # The first record acknowledged and its progress stored (one record a batch at --rate 1).
+        while not sum(offsets_committed(cfg.kafka, group, dlq).values()):
+            assert proc.poll() is None and time.monotonic() < deadline, "nothing was replayed"
+            time.sleep(0.2)
+        [row] = replay_rows(cfg)
+        assert row["status"] == "running" and row["finished_at"] is None
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert sum(offsets_committed(cfg.kafka, group, dlq).values()) < 10, (
+        "the replay finished before it was killed")
+    [row] = replay_rows(cfg)
+    assert (row["status"], row["finished_at"], row["ended"]) == ("running", None, None)
+    listing = run_cli(cfg, "audit", "--replays").stdout
+    assert f"#{row['id']}" in listing and "still going, or killed" in listing
+
+
+def test_a_completion_that_fails_after_records_were_sent_keeps_them_and_says_so(
+        migrated: Any) -> None:
+    """The audit row can no longer be completed once records are out (here: its table goes
+    away mid-replay): the replay still delivers everything and stores its progress, and its
+    summary names the problem instead of pretending it was recorded."""
+    cfg = migrated
+    docs = {f"c{i}": f"completion text {i}" for i in range(3)}
+    dlq = dead_letter(cfg, failed_chunks(cfg, docs))
+    target = f"{cfg.kafka.chunks_topic}.replayed"
+    ensure_topics(cfg.kafka, [target])
+    audit = ReplayAuditLog(cfg, actor="tester", filters={"topic": dlq})
+    states: list[str] = []
+
+    def drop_the_table(*_: Any) -> None:
+        if not states:
+            states.append(replay_rows(cfg)[0]["status"])
+            with connect(cfg.database) as conn:
+                conn.execute("DROP TABLE replay_audit")
+                conn.commit()
+
+    summary = replay(cfg, dlq, ReplayOptions(to=target), stop=StopFlag(), log=get_logger(),
+                     on_record=drop_the_table, audit=audit)
+    assert states == ["running"]
+    assert summary.replayed == 3 and summary.ended == "end"
+    assert f"could not complete replay #{audit.row_id}" in summary.audit_problem
+    assert len(read_topic(cfg, target)) == 3
+    assert sum(offsets_committed(cfg.kafka, default_group(dlq), dlq).values()) == 3
+
+
+def test_audit_replays_lists_them_newest_first_with_json_and_time_bounds(
+        migrated: Any) -> None:
+    """`vecpipe audit --replays --json` shows the recorded replays newest first, the same rows
+    the replays reported; --limit, --since and --until bound the list."""
+    cfg = migrated
+    dlq = mixed_dead_letters(cfg)
+    target = f"{cfg.kafka.chunks_topic}.replayed"
+    ensure_topics(cfg.kafka, [target])
+    dry = json.loads(run_cli(cfg, "dlq", "replay", dlq, "--json", "--to", target,
+                             "--dry-run").stdout.splitlines()[-1])
+    real = json.loads(run_cli(cfg, "dlq", "replay", dlq, "--json", "--to", target, "--actor",
+                              "bob").stdout.splitlines()[-1])
+
+    listed = json.loads(run_cli(cfg, "audit", "--replays", "--json").stdout)
+    assert [r["id"] for r in listed] == [real["audit"]["id"], dry["audit"]["id"]]
+    newest = listed[0]
+    assert (newest["actor"], newest["status"], newest["dry_run"]) == ("bob", "done", False)
+    assert newest["counts"] == real["summary"]
+    assert newest["counts"]["replayed"] == len(read_topic(cfg, target)) == 4
+    assert listed[1]["dry_run"] is True and listed[1]["counts"] == dry["summary"]
+    datetime.fromisoformat(newest["started_at"])
+
+    limited = json.loads(run_cli(cfg, "audit", "--replays", "--json", "--limit", "1").stdout)
+    assert [r["id"] for r in limited] == [real["audit"]["id"]]
+    first_at = datetime.fromisoformat(listed[1]["started_at"])
+    before = (first_at - timedelta(seconds=1)).isoformat()
+    assert json.loads(run_cli(cfg, "audit", "--replays", "--json", "--until",
+                              before).stdout) == []
+    assert len(json.loads(run_cli(cfg, "audit", "--replays", "--json", "--since",
+                                  before).stdout)) == 2
+
+    table = run_cli(cfg, "audit", "--replays").stdout
+    assert table.index(f"#{real['audit']['id']}") < table.index(f"#{dry['audit']['id']}")
+    assert "by bob (" in table and f"replayed 4 to {target} 4" in table
+    assert "DRY RUN" in table and f"would replay 4 to {target} 4" in table

@@ -9,13 +9,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaException
 from jsonschema import Draft202012Validator
 
+import workers.replay
 from tests.fakes import FakeProducer, FakeRecord
+from vecpipe.cli.audit import render_replays
 from vecpipe.cli.common import parse_time
-from vecpipe.cli.dlq import _filters, render_replay_summary
+from vecpipe.cli.dlq import _filters, render_replay_summary, replay_actor, replay_selection
 from vecpipe.cli.main import build_parser
-from vecpipe.config import DeadLetterConfig, KafkaConfig
+from vecpipe.config import DeadLetterConfig, KafkaConfig, load_config
 from vecpipe.deadletter.headers import (
     ERROR_PREFIXES,
     H_CLASS,
@@ -38,10 +41,10 @@ from vecpipe.deadletter.select import (
     source_topic,
 )
 from vecpipe.deadletter.sender import DeadLetters
-from vecpipe.errors import CommandError
+from vecpipe.errors import CommandError, ReplayError
 from vecpipe.kafka.consumer import StopFlag
 from vecpipe.messages import load_schema, published_header
-from workers.replay import ReplaySummary, _Pacer, _Targets, default_group
+from workers.replay import ReplayOptions, ReplaySummary, _Pacer, _Targets, default_group
 
 NOW = datetime(2024, 5, 1, 3, 0, tzinfo=UTC)
 ORIGINAL_HEADERS = [("vecpipe.schema", b"vecpipe.chunk"), ("vecpipe.schema.version", b"1"),
@@ -388,3 +391,222 @@ def test_a_dead_letter_refused_for_its_future_time_is_probed_at_that_time() -> N
     dead = DeadLetter.of(chunk_record(headers_=[*ORIGINAL_HEADERS, published_header(ahead)]))
     probe = erasure_probe(dead)
     assert probe is not None and probe[3] == ahead
+
+
+# -- the replay audit ---------------------------------------------------------------------------
+
+class FakeAudit:
+    """Records what a replay tells its audit; ``fail`` names the methods that raise."""
+
+    def __init__(self, *fail: str) -> None:
+        self.fail = set(fail)
+        self.calls: list[tuple[str, Any]] = []
+
+    def _call(self, name: str, *args: Any) -> None:
+        self.calls.append((name, args))
+        if name in self.fail:
+            raise ReplayError(f"{name} could not be written.")
+
+    def started(self, topic: str, group: str, dry_run: bool) -> None:
+        self._call("started", topic, group, dry_run)
+
+    def progress(self, counts: dict[str, Any]) -> None:
+        self._call("progress", counts)
+
+    def finished(self, counts: dict[str, Any], ended: str | None, error: str | None) -> None:
+        self._call("finished", counts, ended, error)
+
+
+class FakeLog:
+    """A structlog stand-in that keeps the events."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **kw: self.events.append((event, kw))
+
+
+def _replay_with(monkeypatch: pytest.MonkeyPatch, audit: FakeAudit, body: Any,
+                 **opts: Any) -> ReplaySummary:
+    """Run ``workers.replay.replay`` with ``body`` standing in for the part that talks to
+    the broker."""
+    monkeypatch.setattr(workers.replay, "_replay", body)
+    return workers.replay.replay(load_config(environ={}), "t.dlq", ReplayOptions(**opts),
+                                 stop=StopFlag(), log=FakeLog(), audit=audit)
+
+
+def test_a_replay_whose_audit_row_cannot_be_written_reads_and_sends_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start record comes first: when it fails, the replay raises its sentence before it
+    opens a consumer or a producer, and there is nothing to complete."""
+    def never(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the replay touched the broker without an audit record")
+
+    monkeypatch.setattr(workers.replay, "reader", never)
+    monkeypatch.setattr(workers.replay, "DurableProducer", never)
+    audit = FakeAudit("started")
+    with pytest.raises(ReplayError, match="started could not be written"):
+        workers.replay.replay(load_config(environ={}), "t.dlq", ReplayOptions(dry_run=True),
+                              stop=StopFlag(), log=FakeLog(), audit=audit)
+    assert audit.calls == [("started", ("t.dlq", "vecpipe-dlq-replay.t.dlq", True))]
+
+
+def test_the_audit_record_is_completed_however_the_replay_ends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Done with its ending and exact counts; failed with the halt reason, or with the error's
+    sentence when the replay raised (and the error still reaches the caller)."""
+    def ok(cfg: Any, topic: str, opts: Any, summary: ReplaySummary, *rest: Any) -> Any:
+        summary.replayed, summary.ended = 2, "limit"
+        summary.targets["t"] = 2
+        return summary
+
+    audit = FakeAudit()
+    summary = _replay_with(monkeypatch, audit, ok)
+    (name, (counts, ended, error)) = audit.calls[-1]
+    assert (name, ended, error, summary.audit_problem) == ("finished", "limit", None, "")
+    assert counts == summary.to_json() and counts["targets"] == {"t": 2}
+
+    def halts(cfg: Any, topic: str, opts: Any, summary: ReplaySummary, *rest: Any) -> Any:
+        summary.ended, summary.halt_reason = "halted", "record 0:4 would loop."
+        return summary
+
+    audit = FakeAudit()
+    _replay_with(monkeypatch, audit, halts)
+    assert audit.calls[-1][1][1:] == ("halted", "record 0:4 would loop.")
+
+    def breaks(*_: Any) -> Any:
+        raise KafkaException("broker went away")
+
+    audit = FakeAudit()
+    with pytest.raises(KafkaException):
+        _replay_with(monkeypatch, audit, breaks)
+    assert audit.calls[-1][1][1:] == (None, "KafkaException: broker went away")
+
+
+def test_a_completion_that_cannot_be_written_leaves_the_replay_done_and_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What was sent stays sent: the summary carries the problem, and the log line the final
+    counts, for the operator to file."""
+    def ok(cfg: Any, topic: str, opts: Any, summary: ReplaySummary, stop: Any, log: FakeLog,
+           *rest: Any) -> Any:
+        summary.replayed = 5
+        return summary
+
+    monkeypatch.setattr(workers.replay, "_replay", ok)
+    log = FakeLog()
+    summary = workers.replay.replay(load_config(environ={}), "t.dlq", ReplayOptions(),
+                                    stop=StopFlag(), log=log, audit=FakeAudit("finished"))
+    assert summary.audit_problem == "finished could not be written."
+    [(_, fields)] = [e for e in log.events if e[0] == "replay_audit_incomplete"]
+    assert fields["replayed"] == 5 and fields["problem"] == summary.audit_problem
+
+
+def test_the_actor_is_the_flag_else_the_environment_else_user_at_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--actor wins over VECPIPE_ACTOR, which wins over the OS user and host; a blank --actor
+    is a sentence, a blank variable is not set."""
+    monkeypatch.setattr("getpass.getuser", lambda: "alice")
+    monkeypatch.setattr("socket.gethostname", lambda: "bastion")
+    assert replay_actor(" bob ", "ci") == "bob"
+    assert replay_actor(None, "ticket-42") == "ticket-42"
+    assert replay_actor(None, "  ") == "alice@bastion"
+    assert replay_actor(None, "") == "alice@bastion"
+    with pytest.raises(CommandError, match="--actor"):
+        replay_actor("", "")
+    args = build_parser().parse_args(["dlq", "replay", "chunks", "--actor", "carol"])
+    assert args.actor == "carol"
+
+
+def test_the_audit_keeps_the_flags_as_given_and_the_instants_they_meant() -> None:
+    """Only the flags given, written as given (--since 2h stays 2h, beside the instant it
+    meant), partitions merged; never the database or broker address."""
+    args = build_parser().parse_args([
+        "dlq", "replay", "chunks", "--since", "2h", "--partition", "3,0", "--partition", "3",
+        "--error-class", "Permanent", "--limit", "10", "--to", "x.chunks", "--from-beginning",
+        "--max-replays", "2", "--database-url", "postgresql://u:secret@db/x",
+        "--bootstrap", "kafka:9092"])
+    filters = _filters(args)
+    picked = replay_selection(args, filters)
+    assert filters.since is not None
+    assert picked == {"topic": "chunks", "to": "x.chunks", "limit": 10,
+                      "error_class": "Permanent", "since": "2h", "partition": [0, 3],
+                      "max_replays": 2, "from_beginning": True,
+                      "since_at": filters.since.isoformat()}
+    assert "secret" not in json.dumps(picked) and "9092" not in json.dumps(picked)
+    bare = build_parser().parse_args(["dlq", "replay", "t.dlq", "--dry-run"])
+    assert replay_selection(bare, _filters(bare)) == {"topic": "t.dlq"}
+
+
+def test_audit_replays_refuses_the_deletion_trails_filters() -> None:
+    """--replays lists replays: --tenant, --action and --lineage with it are sentences, as is
+    a --limit below 1, before any database is asked."""
+    parser = build_parser()
+    for extra, match in ((["--tenant", "acme"], "--tenant"),
+                         (["--action", "delete_tenant"], "--action"),
+                         (["--lineage"], "--lineage"), (["--limit", "0"], "--limit")):
+        args = parser.parse_args(["audit", "--replays", *extra])
+        with pytest.raises(CommandError, match=match):
+            args.func(args)
+
+
+def test_replays_render_who_when_flags_and_where_the_records_went() -> None:
+    """One block per replay: outcome (a running one says it may have been killed), actor,
+    topic and group, the flags as a command line, targets, skips and the error."""
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    base = {"actor": "alice@bastion", "worker": "bastion-77", "dlq_topic": "v.chunks.dlq",
+            "consumer_group": "vecpipe-dlq-replay.v.chunks.dlq", "started_at": at,
+            "updated_at": at, "error": None}
+    rows = [
+        {**base, "id": 3, "status": "running", "finished_at": None, "dry_run": False,
+         "ended": None, "filters": {"topic": "chunks"}, "counts": {}},
+        {**base, "id": 2, "status": "failed", "finished_at": at, "dry_run": False,
+         "ended": None, "error": "the replay group is busy.", "counts": {"replayed": 0},
+         "filters": {"topic": "chunks", "since": "2h", "since_at": "2026-01-02T01:04:05+00:00",
+                     "partition": [0, 3], "from_beginning": True}},
+        {**base, "id": 1, "status": "done", "finished_at": at, "dry_run": True, "ended": "end",
+         "filters": {"topic": "chunks", "error_class": "Permanent"},
+         "counts": {"replayed": 4, "targets": {"v.chunks": 4}, "skipped_by_filter": 2,
+                    "skipped_erased": 1}},
+    ]
+    text = "\n".join(render_replays(rows))
+    assert text.index("#3") < text.index("#2") < text.index("#1")
+    assert ("#3  2026-01-02 03:04:05  running (last report 2026-01-02 03:04:05: still going, "
+            "or killed)") in text and "replayed 0 so far" in text
+    assert "flags: (none: every record)" in text
+    assert "flags: --since 2h (2026-01-02 01:04:05) --partition 0,3 --from-beginning" in text
+    assert "error: the replay group is busy." in text
+    assert "DRY RUN  done (end)" in text and "would replay 4 to v.chunks 4" in text
+    assert "skipped 2 by filter, 1 erased by a later delete" in text
+    assert "by alice@bastion (bastion-77) on v.chunks.dlq" in text
+    assert render_replays([]) == ["no replays recorded"]
+
+
+def test_a_batch_whose_flush_fails_counts_nothing_as_replayed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The summary (and so the audit row of the failed replay) counts a record only once the
+    broker acknowledged it: a flush that fails leaves the batch uncounted and uncommitted."""
+    class Refusing(FakeProducer):
+        def flush(self, timeout: float = 60.0) -> None:
+            raise ReplayError("the broker did not acknowledge the batch.")
+
+    class Clear:
+        def problem(self, dead: DeadLetter, target: str) -> None:
+            return None
+
+    producer = Refusing()
+    monkeypatch.setattr(workers.replay, "DurableProducer", lambda kafka: producer)
+    dead = dead_letter_of(chunk_record(), ValueError("bad"))
+    record = FakeRecord("vecpipe.chunks.dlq", 0, 0, dead.key, dead.value, list(dead.headers),
+                        (1, dead.timestamp_ms or 0))
+    cfg = load_config(environ={})
+    summary = ReplaySummary("vecpipe.chunks.dlq", "g", dry_run=False,
+                            max_replays=cfg.dead_letter.max_replays)
+    no_consumer: Any = None  # the flush fails before _batch would commit through it
+    replayer = workers.replay._Replayer(
+        no_consumer, cfg, "vecpipe.chunks.dlq", ReplayOptions(), {0}, {0: 0}, {0: 5}, summary,
+        StopFlag(), None, Clear(), FakeLog(), lambda: None)  # type: ignore[arg-type]
+    with pytest.raises(ReplayError, match="did not acknowledge"):
+        replayer._batch([record])
+    assert len(producer.sent) == 1
+    assert (summary.replayed, dict(summary.targets)) == (0, {})

@@ -1,15 +1,19 @@
 """``vecpipe dlq inspect`` and ``vecpipe dlq replay``: what failed and why, then send it back.
 
 inspect reads a dead-letter topic without moving any consumer group; replay sends the records an
-operator picked back to their original topic (see ``workers.replay`` for its guarantees).
+operator picked back to their original topic (see ``workers.replay`` for its guarantees), and
+records who ran it, with which flags and to what effect, in the database's replay_audit
+(``vecpipe audit --replays``) before it sends anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -36,9 +40,19 @@ if TYPE_CHECKING:
 # Only argparse work happens at import: every ``vecpipe`` command builds this parser, so the
 # Kafka client, numpy and friends load in the handlers, when a dlq command actually runs.
 
-__all__ = ["cmd_inspect", "cmd_replay", "register", "render_replay_summary", "resolve_topic"]
+__all__ = [
+    "cmd_inspect",
+    "cmd_replay",
+    "register",
+    "render_replay_summary",
+    "replay_actor",
+    "replay_selection",
+    "resolve_topic",
+]
 
 EXIT_INTERRUPTED = 130
+# The replay ran and its records were delivered, but its audit record could not be completed.
+EXIT_AUDIT_INCOMPLETE = 4
 
 
 # -- arguments ------------------------------------------------------------------------------
@@ -114,6 +128,9 @@ def register(subparsers: Any) -> None:
                    help="JSON lines: printed records, then a summary object")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print every replayed record, not only the skipped ones")
+    p.add_argument("--actor", metavar="NAME",
+                   help="who runs this replay, for its audit record (default VECPIPE_ACTOR, "
+                        "else the OS user and host, user@host)")
     _add_filter_flags(p)
     p.set_defaults(func=cmd_replay)
 
@@ -143,6 +160,41 @@ def _filters(args: argparse.Namespace) -> Filters:
         raise CommandError(f"--since {args.since!r} is after --until {args.until!r}; nothing "
                            "can match.")
     return filters
+
+
+def replay_actor(given: str | None, configured: str) -> str:
+    """Who runs a replay, for its audit record: ``--actor``, else ``ops.actor``
+    (``VECPIPE_ACTOR``), else the OS user and host (``user@host``)."""
+    if given is not None:
+        if not given.strip():
+            raise CommandError("--actor is empty; name who runs the replay (a person or a "
+                               "ticket), or leave it out to record VECPIPE_ACTOR or user@host.")
+        return given.strip()
+    if configured.strip():
+        return configured.strip()
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (a bare container)
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def replay_selection(args: argparse.Namespace, filters: Filters) -> dict[str, Any]:
+    """The replay's selection and destination flags as given (only those given), for its audit
+    record, with the instants that --since and --until meant; never an address."""
+    given: dict[str, Any] = {"topic": args.topic}
+    for name in ("to", "group", "limit", "rate", "error_class", "since", "until", "partition",
+                 "offsets", "key_pattern", "max_replays"):
+        value = getattr(args, name, None)
+        if value is not None:
+            given[name] = sorted(set(value)) if name == "partition" else value
+    if args.from_beginning:
+        given["from_beginning"] = True
+    if filters.since is not None:
+        given["since_at"] = filters.since.isoformat()
+    if filters.until is not None:
+        given["until_at"] = filters.until.isoformat()
+    return given
 
 
 def resolve_topic(cfg: Config, name: str) -> str:
@@ -335,11 +387,13 @@ def render_replay_summary(s: ReplaySummary) -> list[str]:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``vecpipe dlq replay TOPIC``."""
+    from vecpipe.db.audit import ReplayAuditLog
     from vecpipe.deadletter.select import Decision
     from vecpipe.logs import get_logger
     from workers.replay import ReplayOptions, default_group, replay
 
     cfg = _config(args)
+    actor = replay_actor(args.actor, cfg.ops.actor)
 
     def on_record(dead: DeadLetter, decision: Decision, target: str | None) -> None:
         if decision is Decision.SKIP_FILTER:
@@ -350,20 +404,29 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     def run() -> int:
         topic = resolve_topic(cfg, args.topic)
+        filters = _filters(args)
+        audit = ReplayAuditLog(cfg, actor=actor, filters=replay_selection(args, filters))
         with _erasure_check(cfg, required=True) as erased:
-            opts = ReplayOptions(filters=_filters(args), to=args.to,
+            opts = ReplayOptions(filters=filters, to=args.to,
                                  group=args.group or default_group(topic),
                                  dry_run=args.dry_run, limit=args.limit, rate=args.rate,
                                  from_beginning=args.from_beginning, erased=erased)
             summary = replay(cfg, topic, opts, stop=_stop_flag(), log=get_logger(),
-                             on_record=on_record)
+                             on_record=on_record, audit=audit)
         if args.json:
-            _out(json.dumps({"summary": summary.to_json()}))
+            _out(json.dumps({"summary": summary.to_json(), "audit": {
+                "id": audit.row_id, "actor": actor, "complete": not summary.audit_problem}}))
         else:
             for line in render_replay_summary(summary):
                 _out(line)
+            if not summary.audit_problem:
+                _out(f"recorded as replay #{audit.row_id} by {actor} (vecpipe audit --replays)")
+        if summary.audit_problem:
+            print(f"vecpipe dlq: {summary.audit_problem}", file=sys.stderr, flush=True)
         if summary.ended == "halted":
             raise CommandError(summary.halt_reason)
+        if summary.audit_problem:
+            return EXIT_AUDIT_INCOMPLETE
         return EXIT_INTERRUPTED if summary.ended == "stopped" else 0
 
     return _quiet_broken_pipe(run)
