@@ -14,19 +14,21 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint typecheck unit integration faults soak bench clean-venv services-down
+.PHONY: install demo test lint typecheck unit integration faults soak bench clean-venv services-down \
+	venv-path
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip wheel
-	$(BIN)/python -m pip install --quiet -e ".[local,onnx,test]"
+	@# -qq: errors only; setuptools' warnings about editable installs mean nothing here.
+	$(BIN)/python -m pip install -qq -e ".[local,onnx,test]"
 	@touch $(STAMP)
 	@# Environments of older dependency sets are several GB each: keep only this one.
 	@find $(VECPIPE_CACHE) -maxdepth 1 -name 'venv-*' ! -path '$(VENV)' -exec rm -rf {} +
 
 # The editable install points at this checkout; re-pointing it is cheap, so do it every time.
 install: $(STAMP)
-	@$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . >/dev/null
+	@$(BIN)/python -m pip install -qq --no-deps --no-build-isolation -e . >/dev/null
 	@echo "vecpipe installed in $(VENV)"
 
 demo: install
@@ -58,6 +60,10 @@ soak: install
 
 services-down: install
 	$(BIN)/vecpipe services down
+
+# bin/vecpipe runs the checkout through this virtualenv.
+venv-path:
+	@echo $(VENV)
 
 clean-venv:
 	rm -rf $(VENV)

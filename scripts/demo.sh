@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # make demo: local services -> migrate -> demo corpus -> produce -> embed -> write -> searches.
+# VECPIPE_DEMO_DOCS=N takes only the first N documents of the corpus (CI's newcomer check).
 set -euo pipefail
+# The checkout's home, as bin/vecpipe uses; every command below finds its services from there,
+# with no addresses exported.
 export VECPIPE_HOME="${VECPIPE_HOME:-$PWD/.vecpipe}"
 corpus="$VECPIPE_HOME/demo-corpus"
 
 echo "== starting Kafka (KRaft) and PostgreSQL + pgvector in $VECPIPE_HOME"
 vecpipe services up
-eval "$(vecpipe services status --env | grep '^export ')"
 
 echo "== migrating"
 vecpipe migrate
 
 echo "== writing the demo corpus (docstrings of the Python standard library)"
-vecpipe demo-corpus "$corpus"
+rm -rf "$corpus"
+vecpipe demo-corpus "$corpus" ${VECPIPE_DEMO_DOCS:+--limit "$VECPIPE_DEMO_DOCS"}
 
 echo "== publishing chunks"
 vecpipe produce "$corpus" --quiet
@@ -29,4 +32,8 @@ for q in "parse command line arguments" "read and write JSON files" \
   vecpipe search "$q" -k 3
 done
 echo
-echo "Services keep running; stop them with: vecpipe services down (add --purge to drop the data)."
+echo "Services keep running. Next, from this checkout:"
+echo "  bin/vecpipe search \"parse command line arguments\" -k 3"
+echo "  bin/vecpipe status                  # lag per stage, dead letters, rows, indexes"
+echo "  bin/vecpipe dlq inspect chunks      # what could not be processed"
+echo "  bin/vecpipe services down           # stop them (--purge drops the data)"

@@ -45,17 +45,19 @@ _COMMON_FLAGS = {
 
 def config_from_args(args: argparse.Namespace, **sections: dict[str, Any]) -> Config:
     """The configuration: ``--config`` file, environment, then the common flags and
-    ``sections`` (a command's own flags, by section; ``None`` values are not given)."""
+    ``sections`` (a command's own flags, by section; ``None`` values are not given); the
+    addresses none of them gives come from the local services (``vecpipe services up``)."""
     overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in sections.items()}
     for flag, (section, name) in _COMMON_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
             overrides.setdefault(section, {})[name] = value
-    return load_config(overrides, config_file=args.config)
+    return load_config(overrides, config_file=args.config, local_services=True)
 
 
 def home_of(args: argparse.Namespace) -> Path:
-    """Where local services keep their data: ``--home``, else ``ops.home``."""
+    """Where local services keep their data: ``--home``, else ``ops.home`` (by default the
+    nearest ``.vecpipe`` folder from the working directory up)."""
     if getattr(args, "home", None):
         return Path(args.home)
     return Path(config_from_args(args).ops.home)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from vecpipe.cli.common import home_of
+from vecpipe.config import LOCAL_HOME, OpsConfig
 
 __all__ = ["register"]
 
@@ -32,7 +34,19 @@ def cmd_services(args: argparse.Namespace) -> int:
     if args.action == "status" and args.env:
         print(f"export VECPIPE_KAFKA_BOOTSTRAP={info.bootstrap}")
         print(f"export VECPIPE_DATABASE_URL={info.database_url}")
+    if args.action == "up":
+        print(reach(info.home), file=sys.stderr)
     return 0 if info.kafka_running and info.postgres_running else 1
+
+
+def reach(home: Path) -> str:
+    """Say which other commands find the services of ``home`` without any address set."""
+    if home == Path(OpsConfig.home).expanduser().resolve():
+        return "Other vecpipe commands find these services by themselves."
+    if home.name == LOCAL_HOME:
+        return (f"vecpipe commands run in {home.parent} (or below it) find these services by "
+                f"themselves; elsewhere, set VECPIPE_HOME={home}.")
+    return f"Other vecpipe commands find these services with VECPIPE_HOME={home}."
 
 
 def register(sub: Any) -> None:

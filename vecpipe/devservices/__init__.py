@@ -79,8 +79,9 @@ def up(
 
     Idempotent: with both running it changes nothing and returns the same info. Ports are the
     ones given, else those recorded by an earlier ``up``, else 9092/5432 when free, else free
-    ones. The first call downloads the Kafka jars into ``jar_cache`` (default
-    ``~/.cache/vecpipe``) with Maven. Raises ServiceError with what to do when anything fails.
+    ones; the controller's is 9093 only beside a broker on 9092. The first call downloads the
+    Kafka jars into ``jar_cache`` (default ``~/.cache/vecpipe``) with Maven. Raises
+    ServiceError with what to do when anything fails.
     """
     paths = Paths(home.expanduser().resolve())
     paths.home.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,7 @@ def up(
         taken.add(pg_port)
         k_port = choose_port(kafka_port, recorded_kafka, DEFAULT_KAFKA_PORT, taken)
         taken.add(k_port)
-        c_port = choose_port(None, recorded_controller, DEFAULT_CONTROLLER_PORT, taken)
+        c_port = choose_port(None, recorded_controller, controller_default(k_port), taken)
 
         # Check every prerequisite before starting anything, so a missing tool never leaves one
         # service half started.
@@ -153,6 +154,12 @@ def up(
         wait_for_kafka(paths, kafka_pid, k_port, KAFKA_READY_TIMEOUT_S)
         progress("Kafka and PostgreSQL are ready")
         return info(paths, state, kafka_running=True, postgres_running=True)
+
+
+def controller_default(kafka_port: int) -> int | None:
+    """The controller's default port: 9093 beside a broker on 9092 only, so that a home given
+    ports of its own (a test session's) never races a starting demo for 9093."""
+    return DEFAULT_CONTROLLER_PORT if kafka_port == DEFAULT_KAFKA_PORT else None
 
 
 def down(home: Path, *, purge: bool = False) -> None:

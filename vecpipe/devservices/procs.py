@@ -53,14 +53,14 @@ def free_port(taken: set[int]) -> int:
 
 
 def choose_port(
-    given: int | None, recorded: int | None, default: int, taken: set[int]
+    given: int | None, recorded: int | None, default: int | None, taken: set[int]
 ) -> int:
     """Pick the port given, else the recorded one, else the default if free, else any free one."""
     if given is not None:
         return given
     if recorded:
         return recorded
-    if default not in taken and port_free(default):
+    if default is not None and default not in taken and port_free(default):
         return default
     return free_port(taken)
 

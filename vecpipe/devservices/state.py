@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vecpipe.config import SERVICES_FILE
 from vecpipe.errors import ServiceError
 
 __all__ = [
@@ -31,7 +32,8 @@ __all__ = [
 DATABASE = "vecpipe"
 
 
-STATE_FILE = "services.json"
+# The CLI reads its "bootstrap" and "database_url" (vecpipe.config.recorded_services).
+STATE_FILE = SERVICES_FILE
 
 
 STATE_VERSION = 1

@@ -27,6 +27,7 @@ __all__ = [
     "pipeline_topics",
     "topic_depth",
     "topic_partitions",
+    "unreachable",
     "watermarks",
 ]
 
@@ -50,12 +51,18 @@ def check_broker(cfg: KafkaConfig, timeout: float = 15.0) -> AdminClient:
     try:
         admin.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise Unreachable(
-            f"Cannot reach the Kafka broker at {cfg.bootstrap!r} (kafka.bootstrap, "
-            f"VECPIPE_KAFKA_BOOTSTRAP) within {timeout:.0f} s: {exc.args[0]}; start it with "
-            "'vecpipe services up' or fix the address."
-        ) from None
+        admin.poll(0)  # hands over librdkafka's log lines, which say why (refused, TLS, SASL)
+        raise unreachable(cfg, timeout, exc) from None
     return admin
+
+
+def unreachable(cfg: KafkaConfig, timeout: float, exc: KafkaException) -> Unreachable:
+    """The error that says the broker did not answer, and which setting names it."""
+    return Unreachable(
+        f"Cannot reach the Kafka broker at {cfg.bootstrap!r} (kafka.bootstrap, "
+        f"VECPIPE_KAFKA_BOOTSTRAP) within {timeout:.0f} s: {exc.args[0]}; start it with "
+        "'vecpipe services up' or fix the address."
+    )
 
 
 def ensure_topics(
@@ -103,6 +110,15 @@ def topic_partitions(consumer: Consumer, topic: str, timeout: float = 10.0) -> l
     return sorted(meta.partitions)
 
 
+def _partitions_or_unreachable(kafka: KafkaConfig, consumer: Consumer, topic: str,
+                               timeout: float = 10.0) -> list[int]:
+    try:
+        return topic_partitions(consumer, topic, timeout)
+    except KafkaException as exc:
+        consumer.poll(0)  # hands over librdkafka's log lines, which say why
+        raise unreachable(kafka, timeout, exc) from None
+
+
 def watermarks(consumer: Consumer, topic: str, partitions: list[int],
                timeout: float = 10.0) -> Watermarks:
     """(low, high) offsets of each partition now."""
@@ -136,7 +152,7 @@ def group_lag(kafka: KafkaConfig, group: str, topic: str) -> dict[int, int]:
     """Records of each partition of ``topic`` that ``group`` has not committed yet."""
     consumer = reader(kafka, "lag", group=group)
     try:
-        parts = topic_partitions(consumer, topic)
+        parts = _partitions_or_unreachable(kafka, consumer, topic)
         done = committed_offsets(consumer, topic, parts)
         return {p: high - done.get(p, low)
                 for p, (low, high) in watermarks(consumer, topic, parts).items()}
@@ -148,7 +164,7 @@ def topic_depth(kafka: KafkaConfig, topic: str) -> int:
     """Records ``topic`` holds now (high minus low watermarks); 0 when it does not exist."""
     consumer = reader(kafka, "depth")
     try:
-        marks = watermarks(consumer, topic, topic_partitions(consumer, topic))
+        marks = watermarks(consumer, topic, _partitions_or_unreachable(kafka, consumer, topic))
         return sum(high - low for low, high in marks.values())
     finally:
         consumer.close()

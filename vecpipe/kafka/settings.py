@@ -2,17 +2,92 @@
 
 Defaults, then the pass-through settings of ``kafka.client`` (SASL, TLS, tuning), then what the
 caller overrides, then the bootstrap servers: the same order for consumers, producers and the
-admin client.
+admin client. librdkafka's own log lines go through :data:`LIBRDKAFKA_LOG`, which leaves out
+those of conditions librdkafka retries and recovers from by itself.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
-from vecpipe.config import KafkaConfig
+import structlog
 
-__all__ = ["MAX_MESSAGE_BYTES", "admin_config", "consumer_config", "producer_config"]
+from vecpipe.config import KafkaConfig, redact_text
+
+__all__ = [
+    "LIBRDKAFKA_LOG",
+    "MAX_MESSAGE_BYTES",
+    "admin_config",
+    "consumer_config",
+    "producer_config",
+    "retriable_noise",
+]
+
+# Lines of conditions librdkafka waits out and retries on its own: a fresh broker loading its
+# group coordinator (COORDINATOR_LOAD_IN_PROGRESS, COORDINATOR_NOT_AVAILABLE, NOT_COORDINATOR),
+# a topic created a moment ago that has no leader yet. They say nothing to act on; what does not
+# recover still reaches the caller (an exception, a worker's kafka_error event, a dead letter).
+_RETRIABLE = re.compile(
+    r"Coordinator load in progress|Coordinator not available|Not coordinator"
+    r"|Leader not available",
+    re.IGNORECASE,
+)
+
+
+def retriable_noise(line: str) -> bool:
+    """Whether a librdkafka log line tells of a condition that librdkafka retries by itself."""
+    return _RETRIABLE.search(line) is not None
+
+
+# What varies between repeats of one condition: the time since the last state change, a count.
+_VARYING = re.compile(r" \(after \d+ms in state \w+\)|, \d+ identical error\(s\) suppressed")
+
+
+class _Forward(logging.Handler):
+    """librdkafka's log lines, less the retriable ones and repeats within a minute (a broker
+    that is down is said once, not every 50 ms): a ``librdkafka`` event in a process that set
+    up structured logging (the workers), else a line on stderr, as librdkafka prints them."""
+
+    REPEAT_AFTER_S = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._said: dict[str, float] = {}
+        self._said_lock = threading.Lock()
+
+    def _repeat(self, line: str) -> bool:
+        key, now = _VARYING.sub("", line), time.monotonic()
+        with self._said_lock:
+            if now - self._said.get(key, -self.REPEAT_AFTER_S) < self.REPEAT_AFTER_S:
+                return True
+            if len(self._said) >= 1000:
+                self._said.clear()
+            self._said[key] = now
+        return False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        if retriable_noise(line) or self._repeat(line):
+            return
+        if structlog.is_configured():
+            structlog.get_logger().log(record.levelno, "librdkafka", line=line)
+        else:
+            # sys.stderr looked up now: a test or a redirect may have replaced it since.
+            print(f"librdkafka {record.levelname.lower()}: {redact_text(line)}", file=sys.stderr)
+
+
+# Every client hands its log lines to this logger while it polls. A client that never polls (the
+# admin client, the offset readers of status) prints none: what it fails at is raised instead.
+LIBRDKAFKA_LOG = logging.getLogger("vecpipe.librdkafka")
+LIBRDKAFKA_LOG.addHandler(_Forward())
+LIBRDKAFKA_LOG.setLevel(logging.DEBUG)  # librdkafka's own log_level decides what it sends
+LIBRDKAFKA_LOG.propagate = False
 
 # The largest message (key, value and headers) producers send, and what the embeddings and
 # dead-letter topics accept (vecpipe.kafka.admin); the chunks topic keeps the broker's default.
@@ -47,7 +122,7 @@ _PRODUCER: Mapping[str, Any] = {
 
 def _layered(defaults: Mapping[str, Any], cfg: KafkaConfig,
              overrides: Mapping[str, Any]) -> dict[str, Any]:
-    conf = dict(defaults)
+    conf: dict[str, Any] = {"logger": LIBRDKAFKA_LOG, **defaults}
     conf.update(cfg.client)
     conf.update(overrides)
     conf["bootstrap.servers"] = cfg.bootstrap
