@@ -5,7 +5,6 @@ the whole `make demo` path from a fresh clone in CI)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import run_stage
+from tests.helpers import env_for, run_stage
 
 pytestmark = pytest.mark.integration
 
@@ -32,17 +31,8 @@ def _checkout(tmp_path: Path, bootstrap: str, database_url: str) -> Path:
 
 def _names_only(cfg: Any) -> dict[str, str]:
     """A newcomer's environment: this test's topic, group and schema names, and no address."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VECPIPE_")}
-    env.update({
-        "VECPIPE_DB_SCHEMA": cfg.database.schema,
-        "VECPIPE_DATABASE_APP_ROLE": cfg.database.app_role,
-        "VECPIPE_TOPIC_CHUNKS": cfg.kafka.chunks_topic,
-        "VECPIPE_TOPIC_EMBEDDINGS": cfg.kafka.embeddings_topic,
-        "VECPIPE_KAFKA_EMBED_GROUP": cfg.kafka.embed_group,
-        "VECPIPE_KAFKA_WRITE_GROUP": cfg.kafka.write_group,
-        "VECPIPE_LOG_FORMAT": "json",
-        "HF_HUB_OFFLINE": "1",
-    })
+    env = env_for(cfg)
+    del env["VECPIPE_KAFKA_BOOTSTRAP"], env["VECPIPE_DATABASE_URL"]
     return env
 
 
