@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -560,21 +561,37 @@ def find_local_home(start: Path) -> Path | None:
     return None
 
 
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # someone else's process: alive
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def recorded_services(home: Path) -> dict[str, dict[str, str]]:
-    """kafka.bootstrap and database.url as ``vecpipe services up`` recorded them in ``home``;
-    empty without a readable services.json (``vecpipe services status`` says what is wrong)."""
+    """kafka.bootstrap and database.url as ``vecpipe services up`` recorded them in ``home``,
+    while both services it started still run; empty otherwise (no readable services.json, or
+    services stopped: their ports may be another home's by now)."""
     try:
         document = json.loads((home.expanduser() / SERVICES_FILE).read_text(encoding="utf-8"))
         bootstrap, url = document["bootstrap"], document["database_url"]
+        pids = (document["kafka"]["pid"], document["postgres"]["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-    if not (isinstance(bootstrap, str) and isinstance(url, str)):
+    if not (isinstance(bootstrap, str) and isinstance(url, str)) or not all(map(_alive, pids)):
         return {}
     return {"kafka": {"bootstrap": bootstrap}, "database": {"url": url}}
 
 
 def _local_defaults(layered: dict[str, dict[str, Any]]) -> None:
-    """Fill the home and the addresses that nothing set from the local services' record."""
+    """Fill the home and, when nothing gave either address, both addresses from the local
+    services' record. Never one of the two (a production broker with a laptop's database), and
+    never for a client configured for a secured cluster; a line on stderr says when it is used."""
     home = layered["ops"].get("home")
     if home is None:
         try:
@@ -583,9 +600,19 @@ def _local_defaults(layered: dict[str, dict[str, Any]]) -> None:
             found = None
         if found is not None:
             layered["ops"]["home"] = home = str(found)
-    for section, values in recorded_services(Path(str(home or _DEFAULT_HOME))).items():
-        for name, value in values.items():
-            layered[section].setdefault(name, value)
+    client = layered["kafka"].get("client") or {}
+    secured = any(k == "security.protocol" or k.startswith("sasl.") for k in client)
+    if "bootstrap" in layered["kafka"] or "url" in layered["database"] or secured:
+        return
+    where = Path(str(home or _DEFAULT_HOME)).expanduser()
+    recorded = recorded_services(where)
+    if not recorded:
+        return
+    for section, values in recorded.items():
+        layered[section].update(values)
+    kafka, url = recorded["kafka"]["bootstrap"], redact_url(recorded["database"]["url"])
+    print(f"vecpipe: using the local services recorded in {where / SERVICES_FILE} (Kafka "
+          f"{kafka}, PostgreSQL {url})", file=sys.stderr)
 
 
 def load_config(

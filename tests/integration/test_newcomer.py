@@ -5,6 +5,7 @@ the whole `make demo` path from a fresh clone in CI)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -22,7 +23,11 @@ def _checkout(tmp_path: Path, bootstrap: str, database_url: str) -> Path:
     """A folder below a checkout whose .vecpipe records these addresses, as `up` writes them."""
     home = tmp_path / "checkout" / ".vecpipe"
     home.mkdir(parents=True)
-    document = {"version": 1, "bootstrap": bootstrap, "database_url": database_url}
+    # The pids of running services (this test's own stands in: the session's services are not
+    # `up`'s, and a record whose services stopped is not followed).
+    running = {"pid": os.getpid()}
+    document = {"version": 1, "bootstrap": bootstrap, "database_url": database_url,
+                "kafka": running, "postgres": running}
     (home / "services.json").write_text(json.dumps(document), encoding="utf-8")
     below = tmp_path / "checkout" / "docs"
     below.mkdir()
@@ -33,6 +38,8 @@ def _names_only(cfg: Any) -> dict[str, str]:
     """A newcomer's environment: this test's topic, group and schema names, and no address."""
     env = env_for(cfg)
     del env["VECPIPE_KAFKA_BOOTSTRAP"], env["VECPIPE_DATABASE_URL"]
+    # This checkout's code, wherever the shared virtualenv's editable install points right now.
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     return env
 
 

@@ -28,10 +28,13 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def _record(home: Path, kafka_port: int, postgres_port: int) -> None:
-    """What `vecpipe services up` writes into ``home``."""
+def _record(home: Path, kafka_port: int, postgres_port: int, *, running: bool = True) -> None:
+    """What `vecpipe services up` writes into ``home`` (the pids of running services: this
+    process stands in for both), or what `down` leaves (no pids)."""
     home.mkdir(parents=True, exist_ok=True)
-    state = dev_state.State(kafka_port, kafka_port + 1, postgres_port)
+    pid = os.getpid() if running else None
+    state = dev_state.State(kafka_port, kafka_port + 1, postgres_port, kafka_pid=pid,
+                            postgres_pid=pid)
     dev_state.write_state(dev_state.Paths(home), state)
 
 
@@ -61,23 +64,52 @@ def test_cli_in_a_checkout_uses_the_services_make_demo_started(
 def test_explicit_settings_win_over_the_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_env: None
 ) -> None:
-    """Variables, a TOML file and flags each beat the record, setting by setting."""
+    """A variable, a TOML file or a flag giving either address turns the record off for both:
+    never a production broker with a laptop's database."""
     _record(tmp_path / ".vecpipe", 19092, 15432)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VECPIPE_KAFKA_BOOTSTRAP", "broker:29092")
     cfg = _cli_config("status")
     assert cfg.kafka.bootstrap == "broker:29092"
-    assert cfg.database.url == "postgresql://postgres@127.0.0.1:15432/vecpipe"
-
-    cfg = _cli_config("status", "--database-url", "postgresql://app@db:5432/prod")
-    assert cfg.database.url == "postgresql://app@db:5432/prod"
+    assert cfg.database.url == DEFAULTS.database.url
 
     monkeypatch.delenv("VECPIPE_KAFKA_BOOTSTRAP")
+    cfg = _cli_config("status", "--database-url", "postgresql://app@db:5432/prod")
+    assert cfg.database.url == "postgresql://app@db:5432/prod"
+    assert cfg.kafka.bootstrap == DEFAULTS.kafka.bootstrap
+
     toml = tmp_path / "vecpipe.toml"
     toml.write_text('[kafka]\nbootstrap = "file-broker:9092"\n', encoding="utf-8")
     cfg = _cli_config("--config", str(toml), "status")
     assert cfg.kafka.bootstrap == "file-broker:9092"
-    assert cfg.database.url == "postgresql://postgres@127.0.0.1:15432/vecpipe"
+    assert cfg.database.url == DEFAULTS.database.url
+
+    monkeypatch.setenv("VECPIPE_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    cfg = _cli_config("status")
+    assert (cfg.kafka.bootstrap, cfg.database.url) == (DEFAULTS.kafka.bootstrap,
+                                                      DEFAULTS.database.url)
+
+
+def test_the_record_of_stopped_services_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_env: None
+) -> None:
+    """After `services down` the ports may be another checkout's services by now."""
+    _record(tmp_path / ".vecpipe", 19092, 15432, running=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = _cli_config("status")
+    assert (cfg.kafka.bootstrap, cfg.database.url) == (DEFAULTS.kafka.bootstrap,
+                                                      DEFAULTS.database.url)
+
+
+def test_following_the_record_says_so_on_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_env: None,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    _record(tmp_path / ".vecpipe", 19092, 15432)
+    monkeypatch.chdir(tmp_path)
+    _cli_config("status")
+    err = capsys.readouterr().err
+    assert "using the local services recorded in" in err and "127.0.0.1:19092" in err
 
 
 def test_an_explicit_home_is_the_one_read(
@@ -210,16 +242,32 @@ def test_wrapper_runs_the_checkout_with_its_home(tmp_path: Path) -> None:
 
 
 def test_wrapper_repoints_an_install_of_another_checkout(tmp_path: Path) -> None:
-    """When the shared virtualenv runs another checkout's code, bin/vecpipe re-points it."""
+    """When the shared virtualenv runs another checkout's code, bin/vecpipe re-points it, and
+    only that: no dependencies, no make (which could rebuild or delete virtualenvs)."""
     checkout, cache, log = _checkout_with_fake_venv(tmp_path, "/elsewhere")
+    os.utime(checkout / "pyproject.toml")  # newer than the stamp, as after a git pull
     out = _run_wrapper(checkout, cache, "status")
     assert out == f"home={checkout / '.vecpipe'} args=status"
-    assert "-m pip install -qq --no-deps --no-build-isolation -e ." in log.read_text()
+    calls = log.read_text()
+    assert f"-m pip install -qq --no-deps --no-build-isolation -e {checkout}" in calls
+    assert "-m pip install -q " not in calls and "--upgrade" not in calls
 
 
 # -- librdkafka's log lines -----------------------------------------------------------------------
 
-def test_librdkafka_lines_skip_only_what_it_retries(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def just_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process started a moment ago (retriable lines are left out only in its first
+    minute)."""
+    import time
+
+    from vecpipe.kafka import settings
+
+    monkeypatch.setattr(settings, "_STARTED", time.monotonic())
+
+
+def test_librdkafka_lines_skip_only_what_it_retries(capsys: pytest.CaptureFixture[str],
+                                                    just_started: None) -> None:
     """Coordinator-loading retries are left out; real errors still reach stderr, redacted."""
     import structlog
 
@@ -242,7 +290,8 @@ def test_librdkafka_lines_skip_only_what_it_retries(capsys: pytest.CaptureFixtur
     assert "SASL authentication error" in err and "hunter2" not in err
 
 
-def test_librdkafka_lines_join_a_workers_structured_log(capsys: pytest.CaptureFixture[str]) -> None:
+def test_librdkafka_lines_join_a_workers_structured_log(capsys: pytest.CaptureFixture[str],
+                                                        just_started: None) -> None:
     """In a worker, a librdkafka line is a JSON event with the worker's context, redacted."""
     import json
 
@@ -280,4 +329,23 @@ def test_a_broker_that_is_down_is_said_once(capsys: pytest.CaptureFixture[str]) 
             "FAIL [rdkafka#consumer-7] [thrd:127.0.0.1:1/bootstrap]: 127.0.0.1:1/bootstrap: "
             f"Connect to ipv4#127.0.0.1:1 failed: Connection refused (after {after}ms in state "
             "CONNECT)")
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+def test_a_retriable_condition_that_lasts_past_the_first_minute_is_said(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coordinator that never loads (a replication factor above the broker count) or an
+    offline partition is not noise once the client has had its minute: it is said, once."""
+    import time
+
+    import structlog
+
+    from vecpipe.kafka import settings
+
+    structlog.reset_defaults()
+    monkeypatch.setattr(settings, "_STARTED", time.monotonic() - 61)
+    for n in (1, 7):
+        settings.LIBRDKAFKA_LOG.warning(
+            "FAIL [rdkafka#consumer-9]: Group coordinator not available (after 31000ms in state "
+            f"UP, {n} identical error(s) suppressed)")
     assert len(capsys.readouterr().err.splitlines()) == 1
