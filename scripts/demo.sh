@@ -2,13 +2,15 @@
 # make demo: local services -> migrate -> demo corpus -> produce -> embed -> write -> searches.
 # VECPIPE_DEMO_DOCS=N takes only the first N documents of the corpus (CI's newcomer check).
 set -euo pipefail
-# The checkout's home, as bin/vecpipe uses; every command below finds its services from there,
-# with no addresses exported.
+# The checkout's home, as bin/vecpipe uses (the commands after the demo find its services there).
 export VECPIPE_HOME="${VECPIPE_HOME:-$PWD/.vecpipe}"
 corpus="$VECPIPE_HOME/demo-corpus"
 
 echo "== starting Kafka (KRaft) and PostgreSQL + pgvector in $VECPIPE_HOME"
 vecpipe services up
+# The demo talks to its own services, whatever addresses (or configuration file) the shell has.
+unset VECPIPE_CONFIG
+eval "$(vecpipe services status --env | grep '^export ')"
 
 echo "== migrating"
 vecpipe migrate

@@ -45,6 +45,9 @@ if [[ -z "$dir" ]]; then
   dir="$work/vecpipe"
 fi
 venv="$(make -s --no-print-directory -C "$dir" venv-path)"
+# A fresh clone's pyproject.toml is newer than the virtualenv's stamp, so make would reinstall
+# (from the index) and delete the cache's other virtualenvs: the clone has the same dependencies.
+if [[ -f "$venv/.installed" ]]; then touch -r "$venv/.installed" "$dir/pyproject.toml"; fi
 
 fail() { echo "newcomer-check: $*" >&2; exit 1; }
 
@@ -67,7 +70,7 @@ check_quiet() {  # what, log file
 }
 
 # A newcomer's shell: none of the variables a session of tests or a developer may have set.
-while read -r name; do unset "$name"; done < <(compgen -e | grep '^VECPIPE_' | grep -v '^VECPIPE_DEMO_DOCS$' || true)
+while read -r name; do unset "$name"; done < <(compgen -e | grep '^VECPIPE_' | grep -v -e '^VECPIPE_DEMO_DOCS$' -e '^VECPIPE_CACHE$' || true)
 export VECPIPE_DEMO_DOCS="${VECPIPE_DEMO_DOCS:-12}"
 cd "$dir"
 
