@@ -31,8 +31,9 @@ __all__ = [
 
 # Lines of conditions librdkafka waits out and retries on its own: a fresh broker loading its
 # group coordinator (COORDINATOR_LOAD_IN_PROGRESS, COORDINATOR_NOT_AVAILABLE, NOT_COORDINATOR),
-# a topic created a moment ago that has no leader yet. They say nothing to act on; what does not
-# recover still reaches the caller (an exception, a worker's kafka_error event, a dead letter).
+# a topic created a moment ago that has no leader yet. They say nothing to act on while a client
+# starts; one that lasts (a coordinator that never loads, an offline partition) is a real
+# problem, so past a process's first minute they are passed on like any line (once a minute).
 _RETRIABLE = re.compile(
     r"Coordinator load in progress|Coordinator not available|Not coordinator"
     r"|Leader not available",
@@ -40,13 +41,21 @@ _RETRIABLE = re.compile(
 )
 
 
-def retriable_noise(line: str) -> bool:
-    """Whether a librdkafka log line tells of a condition that librdkafka retries by itself."""
-    return _RETRIABLE.search(line) is not None
+_STARTED = time.monotonic()
+QUIET_START_S = 60.0
+
+
+def retriable_noise(line: str, now: float | None = None) -> bool:
+    """Whether a librdkafka log line tells of a condition that librdkafka retries by itself,
+    in the process's first minute (after it, the condition may be one that does not recover)."""
+    now = time.monotonic() if now is None else now
+    return now - _STARTED < QUIET_START_S and _RETRIABLE.search(line) is not None
 
 
 # What varies between repeats of one condition: the time since the last state change, a count.
-_VARYING = re.compile(r" \(after \d+ms in state \w+\)|, \d+ identical error\(s\) suppressed")
+_VARYING = re.compile(
+    r" \(after \d+ms in state \w+(?:, \d+ identical error\(s\) suppressed)?\)"
+    r"|, \d+ identical error\(s\) suppressed")
 
 
 class _Forward(logging.Handler):
@@ -75,11 +84,12 @@ class _Forward(logging.Handler):
         line = record.getMessage()
         if retriable_noise(line) or self._repeat(line):
             return
+        line = redact_text(line)  # a SASL error may quote what it was given
         if structlog.is_configured():
             structlog.get_logger().log(record.levelno, "librdkafka", line=line)
         else:
             # sys.stderr looked up now: a test or a redirect may have replaced it since.
-            print(f"librdkafka {record.levelname.lower()}: {redact_text(line)}", file=sys.stderr)
+            print(f"librdkafka {record.levelname.lower()}: {line}", file=sys.stderr)
 
 
 # Every client hands its log lines to this logger while it polls. A client that never polls (the
