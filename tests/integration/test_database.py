@@ -16,13 +16,13 @@ import pytest
 from pgvector import Vector
 from psycopg import sql
 
-from tests.helpers import run_cli
+from tests.helpers import connect, run_cli
 from vecpipe.config import with_section
 from vecpipe.db import indexes
 from vecpipe.db.erase import DeleteRequest
 from vecpipe.db.indexes import index_name, index_state
 from vecpipe.db.migrate import load_migrations, migrate, render, variables
-from vecpipe.db.pool import connect, make_pool
+from vecpipe.db.pool import make_pool
 from vecpipe.db.search import Searcher
 from vecpipe.db.store import Row, Store
 from vecpipe.errors import IndexOperationError, MigrationError

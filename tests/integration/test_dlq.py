@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from producers.publisher import Publisher
-from tests.helpers import env_for, read_topic, run_cli, run_stage
+from tests.helpers import connect, env_for, read_topic, run_cli, run_stage
 from vecpipe.config import with_section
 from vecpipe.db.audit import ReplayAuditLog
 from vecpipe.db.erase import DeleteRequest
-from vecpipe.db.pool import connect, make_pool
+from vecpipe.db.pool import make_pool
 from vecpipe.db.store import Store
 from vecpipe.deadletter.headers import (
     H_CLASS,

@@ -58,8 +58,7 @@ from tests.faultlib import (
     topic_count,
     wait_until,
 )
-from tests.helpers import read_topic, run_cli, run_stage
-from vecpipe.db.pool import connect
+from tests.helpers import connect, read_topic, run_cli, run_stage
 from vecpipe.deadletter.headers import (
     H_ATTEMPTS,
     H_CLASS,
@@ -393,6 +392,7 @@ def outage_under_load(cfg: Any, encoder: Any, corpus: Corpus, log: FaultLog, log
     return writer
 
 
+@pytest.mark.pgbouncer
 def test_postgres_restart_mid_ingest_is_ridden_out_and_loses_nothing(
     migrated: Any, encoder: Any, services_home: Path, tmp_path: Path, fault_log: FaultLog
 ) -> None:

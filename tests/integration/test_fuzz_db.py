@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tests.fakes import FakeProducer, FakeRecord
 from tests.fuzz import FUZZ, embedding_values
+from tests.helpers import connect
 from vecpipe.config import with_section
 from vecpipe.db.migrate import migrate
 from vecpipe.db.pool import make_pool
@@ -55,7 +56,7 @@ def test_every_embedding_is_stored_faithfully_or_dead_lettered(
     """A record the database cannot store is dead-lettered alone; one it stores reads back as
     sent."""
     cfg, store = writer
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         conn.execute("TRUNCATE chunks, documents, tenant_deletions")
     producer = FakeProducer()
     fake: Any = producer
@@ -66,7 +67,7 @@ def test_every_embedding_is_stored_faithfully_or_dead_lettered(
                              schema_headers(EMBEDDING))
     assert processor.process(Batch([record])) == [record]
     dead = producer.to(cfg.kafka.dlq_topic(cfg.kafka.embeddings_topic))
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         rows = conn.execute("SELECT tenant_id, doc_id, chunk_index, doc_version, content,"
                             " metadata, embedding FROM chunks").fetchall()
     assert len(rows) + len(dead) == 1

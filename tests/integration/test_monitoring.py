@@ -27,10 +27,9 @@ import yaml
 from psycopg import sql
 
 from producers.publisher import Publisher
-from tests.helpers import background_stage
+from tests.helpers import background_stage, connect
 from vecpipe.config import with_section
 from vecpipe.db.indexes import index_name
-from vecpipe.db.pool import connect
 from vecpipe.kafka.producer import DurableProducer
 from vecpipe.messages import CHUNK, Document, schema_headers
 from workers import gauges

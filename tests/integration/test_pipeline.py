@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from producers.publisher import Publisher
-from tests.helpers import run_cli
-from vecpipe.db.pool import connect
+from tests.helpers import connect, run_cli
 from vecpipe.messages import Document
 
 pytestmark = pytest.mark.integration
@@ -24,6 +23,7 @@ DOCS = {
 }
 
 
+@pytest.mark.pgbouncer
 def test_documents_become_searchable_through_real_broker_model_and_database(
     migrated: Any,
 ) -> None:
@@ -79,6 +79,7 @@ def test_unknown_model_stops_with_one_sentence_naming_the_setting(migrated: Any)
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.pgbouncer
 def test_delete_commands_remove_a_document_and_a_tenant_end_to_end(
     migrated: Any, encoder: Any
 ) -> None:

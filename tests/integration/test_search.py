@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,12 +15,13 @@ import pytest
 from pgvector import Vector
 from psycopg import sql
 
-from tests.helpers import run_cli
+from tests.helpers import connect, run_cli
 from vecpipe.config import load_config, with_section
 from vecpipe.db import indexes
 from vecpipe.db.indexes import ensure_index
 from vecpipe.db.migrate import migrate
-from vecpipe.db.pool import connect, make_pool
+from vecpipe.db.pool import make_pool, search_database
+from vecpipe.db.replica import wait_replayed
 from vecpipe.db.search import Searcher, SearchPolicy
 from vecpipe.db.store import Row, Store
 from vecpipe.errors import SearchError
@@ -106,12 +107,22 @@ def corpus(endpoints: Any) -> Iterator[Corpus]:
         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(ns)))
 
 
-@pytest.fixture(scope="module")
-def searcher(corpus: Corpus) -> Iterator[Searcher]:
-    """A searcher with the default policy over the corpus."""
-    pool = make_pool(corpus.cfg.database)
+@pytest.fixture(scope="module", params=["direct", "pgbouncer", "replica"])
+def searcher(request: pytest.FixtureRequest, corpus: Corpus, endpoints: Any) -> Iterator[Searcher]:
+    """A searcher with the default policy over the corpus: on the server itself, through
+    PgBouncer in transaction pooling mode, and on a streaming replica (database.search_url)."""
+    db = corpus.cfg.database
+    if request.param == "pgbouncer":
+        if endpoints.pooled_url is None:
+            pytest.skip("no PgBouncer: install it with scripts/install-pgbouncer.sh")
+        db = replace(db, url=endpoints.pooled_url, proxy="transaction", direct_url=db.url)
+    elif request.param == "replica":
+        db = replace(db, search_url=request.getfixturevalue("replica_url"))
+        wait_replayed(db, timeout_s=120)
+    cfg = replace(corpus.cfg, database=db)
+    pool = make_pool(search_database(db))
     try:
-        yield Searcher(corpus.cfg, pool)
+        yield Searcher(cfg, pool)
     finally:
         pool.close()
 
@@ -238,7 +249,7 @@ def test_metric_and_column_type_end_to_end(cfg: Any, column_type: str, metric: s
     pool = make_pool(cfg.database)
     try:
         assert Store(cfg, pool).apply(rows, []).inserted == 600
-        with pool.connection() as conn:
+        with connect(cfg.database) as conn:
             definition = conn.execute(
                 "SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND indexname = %s",
                 (cfg.database.schema, f"chunks_embedding_hnsw_{metric}")).fetchone()
@@ -266,6 +277,7 @@ def test_metric_and_column_type_end_to_end(cfg: Any, column_type: str, metric: s
 
 # -- the command ----------------------------------------------------------------------------------
 
+@pytest.mark.pgbouncer
 def test_vecpipe_search_prints_hits_strategy_and_explain(migrated: Any, encoder: Any) -> None:
     """vecpipe search ranks by meaning within the tenant, prints its strategy, and explains
     under row-level security."""
@@ -296,6 +308,7 @@ def test_vecpipe_search_prints_hits_strategy_and_explain(migrated: Any, encoder:
     assert "current_setting('vecpipe.tenant'" in explained
 
 
+@pytest.mark.pgbouncer
 def test_metadata_written_by_the_writer_is_filterable(migrated: Any) -> None:
     """A metadata filter matches rows the writer stored (metadata lands as a jsonb object)."""
     cfg = migrated

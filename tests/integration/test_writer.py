@@ -13,11 +13,11 @@ import numpy as np
 import psycopg
 import pytest
 
-from tests.helpers import BlackHoleProxy, read_topic, run_stage
+from tests.helpers import BlackHoleProxy, connect, read_topic, run_stage
 from vecpipe.config import with_section
 from vecpipe.db import erase
 from vecpipe.db.erase import DeleteRequest, erased
-from vecpipe.db.pool import connect, make_pool
+from vecpipe.db.pool import make_pool
 from vecpipe.db.store import Row, Store
 from vecpipe.kafka.admin import offsets_committed
 from vecpipe.kafka.producer import DurableProducer
@@ -36,6 +36,9 @@ from vecpipe.messages import (
 from vecpipe.retry import is_fatal, is_transient
 
 pytestmark = pytest.mark.integration
+
+# Every test but the black-holed network runs a second time through PgBouncer (conftest.py).
+through_pgbouncer = pytest.mark.pgbouncer
 
 RNG = np.random.default_rng(7)
 NOW = datetime.now(UTC)
@@ -79,7 +82,7 @@ def store(migrated: Any) -> Iterator[Store]:
 
 def rows_of(store: Store) -> dict[tuple[str, str, int], tuple[int, str]]:
     """(tenant, doc, index) -> (version, content) of every stored chunk."""
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         return {(t, d, i): (v, c) for t, d, i, v, c in conn.execute(
             "SELECT tenant_id, doc_id, chunk_index, doc_version, content FROM chunks")}
 
@@ -95,6 +98,7 @@ def n_tup_upd(store: Store) -> int:
     return int(r[0])
 
 
+@through_pgbouncer
 def test_reingesting_unchanged_content_updates_no_row(store: Store) -> None:
     """The same rows merged again change nothing: n_tup_upd in pg_stat_user_tables stays flat."""
     rows = [row("a", i, count=3) for i in range(3)] + [row("b", 0)]
@@ -106,6 +110,7 @@ def test_reingesting_unchanged_content_updates_no_row(store: Store) -> None:
     assert n_tup_upd(store) == before
 
 
+@through_pgbouncer
 def test_duplicates_in_one_batch_collapse_to_the_newest(store: Store) -> None:
     """Several messages for one key in a batch merge as the newest, without a conflict error."""
     stats = store.apply([row("a", 0, version=1, offset=1), row("a", 0, version=3, offset=2),
@@ -114,6 +119,7 @@ def test_duplicates_in_one_batch_collapse_to_the_newest(store: Store) -> None:
     assert rows_of(store)[("default", "a", 0)][0] == 3
 
 
+@through_pgbouncer
 def test_older_version_never_overwrites_a_newer_one(store: Store) -> None:
     """A late or replayed older version leaves the newer version in place."""
     store.apply([row("a", 0, version=5, text="new")], [])
@@ -122,6 +128,7 @@ def test_older_version_never_overwrites_a_newer_one(store: Store) -> None:
     assert rows_of(store)[("default", "a", 0)] == (5, "new")
 
 
+@through_pgbouncer
 def test_new_version_with_fewer_chunks_removes_the_stale_ones(store: Store) -> None:
     """Writing version 2 with 2 chunks deletes chunks 2..4 of version 1."""
     store.apply([row("a", i, version=1, count=5) for i in range(5)], [])
@@ -130,6 +137,7 @@ def test_new_version_with_fewer_chunks_removes_the_stale_ones(store: Store) -> N
     assert sorted(k[2] for k in rows_of(store)) == [0, 1]
 
 
+@through_pgbouncer
 def test_document_delete_removes_rows_writes_audit_and_blocks_late_chunks(store: Store) -> None:
     """A document delete removes its chunks, is audited, and a late chunk of it stays out."""
     store.apply([row("a", i, count=2) for i in range(2)] + [row("b", 0)], [])
@@ -137,7 +145,7 @@ def test_document_delete_removes_rows_writes_audit_and_blocks_late_chunks(store:
     assert store.apply([], [req], worker_id="w1").deleted == 2
     store.apply([row("a", 0, count=2)], [])  # redelivered chunk of the deleted version
     assert set(rows_of(store)) == {("default", "b", 0)}
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         audit = conn.execute("SELECT action, doc_id, rows_deleted, applied, source->>'worker', "
                              "source->>'offset' FROM audit_log").fetchall()
     assert audit == [("delete_document", "a", 2, True, "w1", "9")]
@@ -146,6 +154,7 @@ def test_document_delete_removes_rows_writes_audit_and_blocks_late_chunks(store:
     assert ("default", "a", 0) in rows_of(store)
 
 
+@through_pgbouncer
 def test_delete_without_version_refuses_versions_published_before_it(store: Store) -> None:
     """A delete without a version removes what was published before it, even versions the
     writer never stored (a chunk replayed from the dead-letter topic after the delete)."""
@@ -155,13 +164,14 @@ def test_delete_without_version_refuses_versions_published_before_it(store: Stor
     store.apply([row("a", 1, count=2, published=before)], [])  # replayed, original timestamp
     store.apply([row("a", 0, version=3, published=before)], [])  # never stored, but older
     assert rows_of(store) == {}
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         assert conn.execute("SELECT deleted FROM documents WHERE doc_id = 'a'").fetchone() == (
             True,)
     store.apply([row("a", 0, version=4, published=NOW + timedelta(seconds=5))], [])
     assert set(rows_of(store)) == {("default", "a", 0)}
 
 
+@through_pgbouncer
 def test_same_version_published_again_after_an_unversioned_delete_lands(store: Store) -> None:
     """A file indexed, deleted, then published again unchanged (same version, from its mtime)
     comes back; a chunk of that version published before the delete does not come with it."""
@@ -173,6 +183,7 @@ def test_same_version_published_again_after_an_unversioned_delete_lands(store: S
     assert set(rows_of(store)) == {("default", "a", 0)}
 
 
+@through_pgbouncer
 def test_delete_with_version_keeps_newer_versions_published_before_it(store: Store) -> None:
     """A delete of version 2 does not refuse version 3, whenever version 3 was published."""
     store.apply([], [DeleteRequest("default", "a", 2, NOW, {"offset": 9})])
@@ -182,6 +193,7 @@ def test_delete_with_version_keeps_newer_versions_published_before_it(store: Sto
     assert set(rows_of(store)) == {("default", "a", 0)}
 
 
+@through_pgbouncer
 def test_tenant_delete_removes_every_row_and_earlier_publications(store: Store) -> None:
     """A tenant delete removes all its rows; chunks published before it never come back."""
     store.apply([row("a", 0, tenant="t1"), row("b", 0, tenant="t1"), row("c", 0, tenant="t2")],
@@ -193,6 +205,7 @@ def test_tenant_delete_removes_every_row_and_earlier_publications(store: Store) 
     assert ("t1", "z", 0) in rows_of(store)
 
 
+@through_pgbouncer
 def test_two_writers_on_overlapping_keys_never_fail(store: Store) -> None:
     """Concurrent merges of the same keys in opposite orders neither deadlock nor diverge."""
     keys = [(f"d{i % 7}", i % 3) for i in range(60)]
@@ -216,6 +229,7 @@ def test_two_writers_on_overlapping_keys_never_fail(store: Store) -> None:
     assert {v for v, _ in rows_of(store).values()} == {15}
 
 
+@through_pgbouncer
 def test_killed_connection_mid_batch_is_retried_to_the_same_result(migrated: Any) -> None:
     """A writer whose connection is killed mid-batch retries, and every row lands once."""
     cfg = migrated
@@ -265,6 +279,7 @@ def test_killed_connection_mid_batch_is_retried_to_the_same_result(migrated: Any
         assert conn.execute("SELECT count(*) FROM chunks").fetchone() == (300,)
 
 
+@through_pgbouncer
 def test_offsets_are_committed_only_after_the_database_commit(migrated: Any) -> None:
     """A writer that cannot commit to the database stores no offset; the next run lands all."""
     cfg = migrated
@@ -292,6 +307,7 @@ def test_offsets_are_committed_only_after_the_database_commit(migrated: Any) -> 
     assert read_topic(cfg, cfg.kafka.dlq_topic(cfg.kafka.embeddings_topic), timeout=3) == []
 
 
+@through_pgbouncer
 def test_delete_message_through_the_worker_is_applied_and_audited(migrated: Any) -> None:
     """A delete on the embeddings topic removes the document's rows and leaves an audit row."""
     cfg = migrated
@@ -312,10 +328,11 @@ def test_delete_message_through_the_worker_is_applied_and_audited(migrated: Any)
     assert audit == [("delete_document", "gone")]
 
 
+@through_pgbouncer
 def test_psycopg_pool_registers_vector_types(store: Store) -> None:
     """Connections from the pool read vectors as pgvector objects (register_vector in configure)."""
     store.apply([row("a", 0)], [])
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         r = conn.execute("SELECT embedding FROM chunks").fetchone()
     assert r is not None and r[0].to_numpy().shape == (384,)
     assert isinstance(psycopg.__version__, str)
@@ -360,6 +377,7 @@ def test_a_black_holed_database_fails_the_merge_instead_of_holding_the_writer(
 
 # -- deletions that hold: late deletes, races, redeliveries, audits -------------------------------
 
+@through_pgbouncer
 def test_a_late_delete_never_removes_a_version_published_after_it(store: Store) -> None:
     """A delete without a version that arrives after a newer version (a producer's re-send
     after an outage, a replay, a redelivery) removes nothing published after it: the newer
@@ -373,10 +391,11 @@ def test_a_late_delete_never_removes_a_version_published_after_it(store: Store) 
     assert rows_of(store) == {("default", "a", 0): (2, "v2 text")}
     store.apply([row("a", 1, version=3, count=2, published=t0 + timedelta(seconds=1))], [])
     assert set(rows_of(store)) == {("default", "a", 0)}
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         assert conn.execute("SELECT applied FROM audit_log").fetchall() == [(False,)]
 
 
+@through_pgbouncer
 def test_a_delete_delivered_twice_removes_once_and_is_audited_once(store: Store) -> None:
     """Redelivery is normal: the second copy of a delete changes nothing and writes no second
     audit row; a delete of the same document published later is a new request."""
@@ -386,10 +405,11 @@ def test_a_delete_delivered_twice_removes_once_and_is_audited_once(store: Store)
     assert store.apply([], [req]).deleted == 0
     again = DeleteRequest("default", "a", None, NOW + timedelta(seconds=2), {"offset": 6})
     store.apply([], [again])
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         assert conn.execute("SELECT count(*) FROM audit_log").fetchone() == (2,)
 
 
+@through_pgbouncer
 def test_an_audit_problem_never_blocks_a_deletion(store: Store) -> None:
     """A reason that jsonb cannot hold (a NUL character) is cleaned, and the deletion and its
     audit row both land: the chunk removal is never dead-lettered for a cosmetic field."""
@@ -398,7 +418,7 @@ def test_an_audit_problem_never_blocks_a_deletion(store: Store) -> None:
                         {"offset": 5, "reason": "ticket\x00 42"})
     assert store.apply([], [req]).deleted == 1
     assert rows_of(store) == {}
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         assert conn.execute("SELECT source->>'reason' FROM audit_log").fetchone() == (
             "ticket\ufffd 42",)
 
@@ -418,6 +438,7 @@ class PausingStore(Store):
         return stats
 
 
+@through_pgbouncer
 def test_a_tenant_deletion_racing_a_merge_of_a_new_document_removes_it(migrated: Any) -> None:
     """A writer on another partition merges a document of a tenant seen for the first time
     while the tenant is being deleted: the deletion waits for the merge's transaction and then
@@ -452,6 +473,7 @@ def gap(doc: str, idx: int, version: int, count: int, text: str,
                       published, 0)
 
 
+@through_pgbouncer
 def test_a_partly_failed_version_leaves_gaps_never_the_old_versions_text(store: Store) -> None:
     """Version 2 of a three-chunk document arrives with its middle chunk dead-lettered: the
     document is served at version 2 with a gap, not with version 1's middle chunk, unless that
@@ -467,6 +489,7 @@ def test_a_partly_failed_version_leaves_gaps_never_the_old_versions_text(store: 
     assert rows_of(store)[("default", "a", 1)] == (2, "v2 chunk 1")
 
 
+@through_pgbouncer
 def test_a_gap_keeps_a_chunk_whose_content_did_not_change(store: Store) -> None:
     """A dead-lettered chunk whose text equals the stored one (of the older version) leaves
     the stored chunk: it is what the new version has at that index."""
@@ -475,16 +498,18 @@ def test_a_gap_keeps_a_chunk_whose_content_did_not_change(store: Store) -> None:
     assert rows_of(store) == {("default", "a", 0): (1, "same")}
 
 
+@through_pgbouncer
 def test_a_gap_published_before_a_delete_does_not_bring_the_document_back(store: Store) -> None:
     """A gap is ordered against deletes like the chunk it stands for."""
     store.apply([row("a", 0, version=1)], [])
     store.apply([], [DeleteRequest("default", "a", None, NOW, {"offset": 1})])
     store.apply([gap("a", 0, 2, 1, "x", published=NOW - timedelta(seconds=1))], [])
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         assert conn.execute("SELECT deleted FROM documents WHERE doc_id = 'a'").fetchone() == (
             True,)
 
 
+@through_pgbouncer
 def test_the_same_version_published_again_outlives_a_delete_published_between(
         store: Store) -> None:
     """Version 1 published, deleted, published again (unchanged, so the same version): when the
@@ -502,6 +527,7 @@ def test_the_same_version_published_again_outlives_a_delete_published_between(
     assert set(rows_of(store)) == {("default", "a", 0)}
 
 
+@through_pgbouncer
 def test_a_large_tenant_deletion_goes_in_bounded_steps_that_show_progress(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tenant's documents and chunks are deleted STEP rows at a time (each statement short,
@@ -521,18 +547,19 @@ def test_a_large_tenant_deletion_goes_in_bounded_steps_that_show_progress(
     assert set(rows_of(store)) == {r.key for r in [*new, *other]}
     # 14 documents in steps of 3, 24 chunks in steps of 3, and the request itself.
     assert len(steps) >= 5 + 8
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         flags = dict(conn.execute(
             "SELECT doc_id, deleted FROM documents WHERE tenant_id = 'big'").fetchall())
     assert flags == {**{f"d{i:02d}": True for i in range(10)},
                      **{f"n{i}": False for i in range(4)}}
 
 
+@through_pgbouncer
 def test_an_audit_table_the_writer_cannot_use_stops_the_deletion(store: Store) -> None:
     """A missing audit table is the deployment's fault, not the record's: the deletion is rolled
     back and the error stops the writer (fatal), rather than erase without a trail."""
     store.apply([row("a", 0)], [])
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         conn.execute("ALTER TABLE audit_log RENAME TO audit_log_away")
     try:
         with pytest.raises(psycopg.errors.UndefinedTable) as caught:
@@ -541,10 +568,11 @@ def test_an_audit_table_the_writer_cannot_use_stops_the_deletion(store: Store) -
         assert is_fatal(caught.value)
         assert set(rows_of(store)) == {("default", "a", 0)}
     finally:
-        with store.pool.connection() as conn:
+        with connect(store.cfg.database) as conn:
             conn.execute("ALTER TABLE audit_log_away RENAME TO audit_log")
 
 
+@through_pgbouncer
 def test_erased_covers_a_tombstones_versions_as_the_writer_does(store: Store) -> None:
     """What the dead-letter tools leave out is what the writer would refuse: versions below a
     tombstone's, its own version after a delete with a version, and not after a delete without
@@ -556,7 +584,7 @@ def test_erased_covers_a_tombstones_versions_as_the_writer_does(store: Store) ->
     probes = [("default", "a", 2, t2), ("default", "a", 3, t2), ("default", "a", 4, t2),
               ("default", "b", 2, t2), ("default", "b", 3, t2), ("default", "b", 3, t0),
               ("default", "c", 1, t0)]
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         covered = erased(conn, store.cfg.database.schema, probes)
     assert covered == {0, 1, 3, 5}
     # And the writer agrees on every probe that it would land.
@@ -566,6 +594,7 @@ def test_erased_covers_a_tombstones_versions_as_the_writer_does(store: Store) ->
         assert landed == (i not in covered), probes[i]
 
 
+@through_pgbouncer
 def test_a_version_deleted_by_version_stays_deleted_after_a_late_delete_moved_its_time(
         store: Store) -> None:
     """A late delete without a version (kept nothing from being published) moves
@@ -577,13 +606,14 @@ def test_a_version_deleted_by_version_stays_deleted_after_a_late_delete_moved_it
     assert store.apply([], [DeleteRequest("default", "a", 3, NOW, {"offset": 2})]).deleted == 1
     store.apply([row("a", 0, version=3, published=t1)], [])  # the redelivery
     assert rows_of(store) == {}
-    with store.pool.connection() as conn:
+    with connect(store.cfg.database) as conn:
         assert erased(conn, store.cfg.database.schema, [("default", "a", 3, t1),
                                                         ("default", "a", 4, t1)]) == {0}
     store.apply([row("a", 0, version=4, published=t1)], [])
     assert set(rows_of(store)) == {("default", "a", 0)}
 
 
+@through_pgbouncer
 def test_a_writer_waits_out_a_long_tenant_deletion_showing_progress(
         migrated: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A merge that needs a lock a tenant deletion holds waits in short steps (each a bounded

@@ -44,7 +44,7 @@ from vecpipe.bench.stats import (
 from vecpipe.config import Config
 from vecpipe.db.indexes import ensure_index, index_name
 from vecpipe.db.migrate import migrate
-from vecpipe.db.pool import connect, make_pool
+from vecpipe.db.pool import connect, make_pool, session_database
 from vecpipe.db.schema import distance_operator
 from vecpipe.db.search import Searcher
 from vecpipe.errors import BenchError
@@ -86,6 +86,10 @@ QUERY_TEXTS = (
     "sort a list of dictionaries by a key",
     "compute the hash of a file",
 )
+
+
+# Measured on a session of its own: behind a pooler, the direct URL.
+_SESSION = "The search benchmark (its raw lookups set hnsw.ef_search per session)"
 
 
 def _tenants(rows: int, seed: int) -> npt.NDArray[np.bool_]:
@@ -160,7 +164,7 @@ def run(cfg: Config, progress: Progress, *, rows: int, queries: int, ef_search: 
     with fresh_namespace(cfg, progress) as ns:
         migrate(ns, with_index=False)
         schema = sql.Identifier(ns.database.schema)
-        with connect(ns.database) as conn:
+        with connect(session_database(ns.database, _SESSION)) as conn:
             progress(f"COPY {rows} rows")
             load_s = _load(conn, ns, data, small, progress)
             progress(f"building the HNSW index (m={cfg.vector.hnsw_m}, "

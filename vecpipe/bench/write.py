@@ -33,7 +33,7 @@ from vecpipe.bench.env import HeldBack, Progress, StageRunner, fresh_namespace, 
 from vecpipe.bench.stats import Target, random_unit_vectors, rate, ratio, split_halves
 from vecpipe.config import Config
 from vecpipe.db.migrate import migrate
-from vecpipe.db.pool import connect
+from vecpipe.db.pool import connect, session_database
 from vecpipe.errors import BenchError
 from vecpipe.kafka.admin import ensure_topics
 from vecpipe.messages import (
@@ -85,6 +85,10 @@ class SyntheticRows:
                  json.dumps(dict(c.metadata)), wrap(v), "bench-random", "1", "random",
                  self.embedded_at)
                 for c, v in zip(self.chunks, self.vectors, strict=True)]
+
+
+# Measured on a session of its own: behind a pooler, the direct URL.
+_SESSION = "The write benchmark (its limit keeps temporary tables across transactions)"
 
 
 def synthetic_rows(n: int, dim: int, tenant: str, seed: int = 0,
@@ -185,7 +189,7 @@ def run(cfg: Config, progress: Progress, *, rows: int,
         ensure_topics(ns.kafka)
         schema = sql.Identifier(ns.database.schema)
         limit_table = sql.SQL("{}.copy_limit").format(schema)
-        with connect(ns.database) as conn:
+        with connect(session_database(ns.database, _SESSION)) as conn:
             conn.execute(sql.SQL("CREATE TABLE {} (LIKE {}.chunks INCLUDING DEFAULTS "
                                  "INCLUDING STORAGE)").format(limit_table, schema))
             conn.commit()
@@ -238,7 +242,7 @@ def _hnsw(cfg: Config, progress: Progress, n: int) -> dict[str, Any]:
         ensure_topics(ns.kafka)
         schema = sql.Identifier(ns.database.schema)
         cols = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
-        with connect(ns.database) as conn:
+        with connect(session_database(ns.database, _SESSION)) as conn:
             halves = []
             for name, part in (("staging_a", first), ("staging_b", second)):
                 table = sql.Identifier(name)

@@ -16,7 +16,7 @@ __all__ = ["register"]
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Embed the query, search, print the hits."""
-    from vecpipe.db.pool import make_pool
+    from vecpipe.db.pool import make_pool, search_database
     from vecpipe.db.search import Searcher, SearchPolicy
     from vecpipe.model import Encoder
 
@@ -34,7 +34,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         policy = SearchPolicy(exact_max_rows=args.exact_max_rows)
     # One query: a single torch thread is as fast and does not fight the database for cores.
     encoder = Encoder(replace(cfg.model, threads=cfg.model.threads or 1))
-    pool = make_pool(cfg.database, name="vecpipe-search")
+    pool = make_pool(search_database(cfg.database), name="vecpipe-search")
     try:
         searcher = Searcher(cfg, pool, encoder, policy)
         if args.explain:

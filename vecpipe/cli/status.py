@@ -43,7 +43,9 @@ def _lag(cfg: Config, stage: str, topic: str, group: str) -> StageLag:
 
 def collect(cfg: Config) -> PipelineStatus:
     """Read lag and dead-letter depth from the broker, rows and indexes from the database."""
-    from vecpipe.db.pool import connect
+    from psycopg import sql
+
+    from vecpipe.db.pool import connect, search_database
     from vecpipe.kafka.admin import topic_depth
 
     k = cfg.kafka
@@ -53,17 +55,19 @@ def collect(cfg: Config) -> PipelineStatus:
     for topic in (k.chunks_topic, k.embeddings_topic):
         status.dead_letters[k.dlq_topic(topic)] = topic_depth(k, k.dlq_topic(topic))
     try:
-        with connect(cfg.database, vector_types=False) as conn:
-            status.rows_per_tenant = dict(conn.execute(
-                "SELECT tenant_id, count(*) FROM chunks GROUP BY 1 ORDER BY 2 DESC LIMIT 50"
-            ).fetchall())
+        # Read where searches read (database.search_url, a replica, when set).
+        with connect(search_database(cfg.database), vector_types=False) as conn:
+            chunks = sql.Identifier(cfg.database.schema, "chunks")
+            status.rows_per_tenant = dict(conn.execute(sql.SQL(
+                "SELECT tenant_id, count(*) FROM {} GROUP BY 1 ORDER BY 2 DESC LIMIT 50"
+            ).format(chunks)).fetchall())
             for name, valid, size, scans in conn.execute(
                 "SELECT c.relname, i.indisvalid, pg_relation_size(c.oid), "
                 "       coalesce(s.idx_scan, 0) "
                 "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
                 "JOIN pg_class t ON t.oid = i.indrelid "
                 "LEFT JOIN pg_stat_user_indexes s ON s.indexrelid = i.indexrelid "
-                "WHERE t.oid = 'chunks'::regclass ORDER BY 1"
+                "WHERE t.oid = to_regclass(%s) ORDER BY 1", (chunks.as_string(conn),)
             ):
                 status.indexes.append({"name": name, "valid": valid, "bytes": size,
                                        "scans": scans})

@@ -24,9 +24,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from vecpipe.config import Config
+from vecpipe.config import Config, DatabaseConfig
 from vecpipe.db.plan import format_bytes, vector_index_bytes
-from vecpipe.db.pool import connect
+from vecpipe.db.pool import connect, session_database
 from vecpipe.db.schema import lock_key, opclass
 from vecpipe.errors import IndexOperationError
 
@@ -201,10 +201,19 @@ def target_name(cfg: Config, tenant: str | None = None, name: str | None = None)
     return tenant_index_name(base, tenant) if tenant else base
 
 
+def _index_database(cfg: Config) -> DatabaseConfig:
+    """Where index work connects: CREATE INDEX CONCURRENTLY runs outside a transaction, under a
+    session lock, and its progress is read by backend pid, so it needs a session of its own."""
+    return session_database(cfg.database, "Building an index CONCURRENTLY")
+
+
 @contextmanager
 def _session(cfg: Config) -> Iterator[psycopg.Connection[Any]]:
-    """An autocommit session for index work: settings, no timeout, the schema's index lock."""
-    db = cfg.database
+    """An autocommit session for index work: settings, no timeout, the schema's index lock.
+
+    A session of its own: behind a transaction pooler, the direct URL (database.direct_url).
+    """
+    db = _index_database(cfg)
     with connect(db, vector_types=False, autocommit=True) as conn:
         conn.execute("SET statement_timeout = 0")
         conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(
@@ -244,7 +253,7 @@ def _watch(cfg: Config, pid: int, label: str, progress: Progress | None,
     started = time.monotonic()
 
     def poll() -> None:
-        with connect(cfg.database, vector_types=False, autocommit=True) as conn:
+        with connect(_index_database(cfg), vector_types=False, autocommit=True) as conn:
             while not done.wait(interval):
                 row = conn.execute(
                     "SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total,"

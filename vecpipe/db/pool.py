@@ -14,17 +14,18 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector
-from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from vecpipe.config import DatabaseConfig, redact_url
-from vecpipe.errors import Unreachable
+from vecpipe.errors import ConfigError, Unreachable
 
-__all__ = ["Deadline", "check_database", "connect", "deadline", "make_pool"]
+__all__ = ["Deadline", "check_database", "connect", "deadline", "local_timeout", "make_pool",
+           "search_database", "session_database"]
 
 
 def _network_options(db: DatabaseConfig) -> dict[str, Any]:
@@ -100,29 +101,63 @@ def deadline(conn: psycopg.Connection[Any], seconds: float) -> Iterator[Deadline
         clock.stop()
 
 
-def _session_setup(conn: psycopg.Connection[Any], db: DatabaseConfig) -> None:
-    conn.execute(
-        sql.SQL("SET search_path TO {}, public").format(sql.Identifier(db.schema))
-    )
-    conn.execute(sql.SQL("SET statement_timeout = {}").format(
-        sql.Literal(db.statement_timeout_ms)))
+def _connect_options(db: DatabaseConfig) -> dict[str, Any]:
+    """Everything ``psycopg.connect`` gets besides the URL.
+
+    Nothing here is session state set after connecting, which a transaction pooler would leave
+    on one server connection and hand the next transaction another: statement_timeout goes in
+    the startup packet on a direct connection (a pooler refuses ``options``), and every
+    transaction that needs it sets it again with :func:`local_timeout`. Tables are always
+    schema-qualified, so no search_path is set at all. Behind a pooler, psycopg never prepares
+    a statement on the server: the next execution could reach a server that lacks it.
+    """
+    options = _network_options(db)
+    if db.proxy == "none":
+        options["options"] = f"-c statement_timeout={db.statement_timeout_ms}"
+    else:
+        options["prepare_threshold"] = None
+    return options
+
+
+def local_timeout(conn: psycopg.Connection[Any], milliseconds: int) -> None:
+    """``SET LOCAL statement_timeout``: for this transaction only, on whatever server runs it."""
+    conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(milliseconds),))
+
+
+def session_database(db: DatabaseConfig, what: str) -> DatabaseConfig:
+    """The settings for an operation that needs a session of its own (``what``, e.g. "CREATE
+    INDEX CONCURRENTLY"): ``db`` itself without a pooler, else its direct_url."""
+    if db.proxy == "none":
+        return db
+    if not db.direct_url:
+        raise ConfigError(
+            f"{what} needs a session of its own, which a transaction pooler does not keep "
+            "(database.proxy is 'transaction'); set database.direct_url "
+            "(VECPIPE_DATABASE_DIRECT_URL) to the server's own address."
+        )
+    return replace(db, url=db.direct_url, proxy="none")
+
+
+def search_database(db: DatabaseConfig) -> DatabaseConfig:
+    """The settings searches and status read with: database.search_url (a streaming replica)
+    when set, else ``db``."""
+    return replace(db, url=db.search_url) if db.search_url else db
 
 
 def connect(db: DatabaseConfig, *, vector_types: bool = True,
             autocommit: bool = False) -> psycopg.Connection[Any]:
-    """One connection with the session settings (and pgvector types unless told otherwise)."""
+    """One connection (with pgvector types unless told otherwise)."""
     try:
-        conn = psycopg.connect(db.url, autocommit=autocommit, **_network_options(db))
+        conn = psycopg.connect(db.url, autocommit=autocommit, **_connect_options(db))
     except psycopg.OperationalError as exc:
         raise Unreachable(
             f"Cannot connect to PostgreSQL at {redact_url(db.url)} (database.url, "
             f"VECPIPE_DATABASE_URL): {str(exc).strip().splitlines()[-1]}."
         ) from None
-    _session_setup(conn, db)
     if vector_types:
         _register(conn, db)
-    if not autocommit:
-        conn.commit()
+        if not autocommit:
+            conn.commit()
     return conn
 
 
@@ -142,7 +177,9 @@ def check_database(db: DatabaseConfig, *, migrated: bool = False) -> None:
     With ``migrated``, also require the vector extension and the chunks table.
     """
     with connect(db, vector_types=migrated, autocommit=True) as conn:
-        if migrated and conn.execute("SELECT to_regclass('chunks')").fetchone() == (None,):
+        if migrated and conn.execute(
+            "SELECT to_regclass(format('%%I.chunks', %s::text))", (db.schema,)
+        ).fetchone() == (None,):
             raise Unreachable(
                 f"The schema {db.schema!r} (database.schema, VECPIPE_DB_SCHEMA) has no chunks "
                 "table; run 'vecpipe migrate' first."
@@ -155,10 +192,9 @@ def _check(conn: psycopg.Connection[Any], seconds: float) -> None:
 
 
 def make_pool(db: DatabaseConfig, *, name: str = "vecpipe") -> ConnectionPool[Any]:
-    """A connection pool whose connections have pgvector types, search_path and timeouts."""
+    """A connection pool whose connections have pgvector types and timeouts."""
 
     def configure(conn: psycopg.Connection[Any]) -> None:
-        _session_setup(conn, db)
         register_vector(conn)
         conn.commit()
 
@@ -167,7 +203,7 @@ def make_pool(db: DatabaseConfig, *, name: str = "vecpipe") -> ConnectionPool[An
         db.url,
         min_size=db.pool_min,
         max_size=db.pool_max,
-        kwargs=_network_options(db),
+        kwargs=_connect_options(db),
         configure=configure,
         name=name,
         open=False,

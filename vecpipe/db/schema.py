@@ -27,6 +27,7 @@ __all__ = [
     "distance_operator",
     "lock_key",
     "opclass",
+    "staging_name",
     "staging_table",
 ]
 
@@ -86,6 +87,14 @@ def copy_types(vector: VectorConfig, names: tuple[str, ...] = STAGING) -> list[s
     return [vector.column_type if types[n] == "vector" else types[n] for n in names]
 
 
+def staging_name(vector: VectorConfig) -> sql.Composed:
+    """The writer's temporary staging table, named per vector type and dimension: behind a
+    transaction pooler a server connection (and its temporary tables) passes from one writer to
+    another, and a writer of another schema may stage vectors of another shape."""
+    return sql.SQL("pg_temp.{}").format(
+        sql.Identifier(f"vecpipe_staging_{vector.column_type}_{vector.dimension}"))
+
+
 def staging_table(vector: VectorConfig) -> sql.Composed:
     """CREATE TEMPORARY TABLE for the writer's staging rows (see ``vecpipe.db.store``)."""
     vtype = f"{vector.column_type}({vector.dimension})"
@@ -94,8 +103,8 @@ def staging_table(vector: VectorConfig) -> sql.Composed:
                                 sql.SQL(vtype if c.pg_type == "vector" else c.pg_type))
         for c in COLUMNS)
     return sql.SQL(
-        "CREATE TEMPORARY TABLE IF NOT EXISTS vecpipe_staging ({}) ON COMMIT DELETE ROWS"
-    ).format(columns)
+        "CREATE TEMPORARY TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS"
+    ).format(staging_name(vector), columns)
 
 
 def distance_operator(metric: str) -> sql.SQL:

@@ -42,6 +42,7 @@ from psycopg_pool import ConnectionPool
 
 from vecpipe.config import Config
 from vecpipe.db.indexes import index_name, index_state, tenant_index_name
+from vecpipe.db.pool import local_timeout
 from vecpipe.db.schema import distance_operator
 from vecpipe.errors import SearchError
 from vecpipe.model import normalize, vector_problem
@@ -229,6 +230,7 @@ class Searcher:
             # One snapshot for choosing and searching: row addresses collected for an exact scan
             # are still the rows' addresses when the search reads them.
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            local_timeout(conn, self.cfg.database.statement_timeout_ms)
             chosen, ctids = self._choose(conn, tenant, bool(filters), params, k, ef_search,
                                          strategy)
             self._become_tenant(conn, tenant, chosen.settings)

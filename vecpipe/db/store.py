@@ -26,14 +26,22 @@ from psycopg_pool import ConnectionPool
 
 from vecpipe.config import Config
 from vecpipe.db.erase import DeleteRequest, Eraser, lock_tenants
-from vecpipe.db.pool import deadline
-from vecpipe.db.schema import CHANGES, KEY, MERGED, STAGING, copy_types, staging_table
+from vecpipe.db.pool import deadline, local_timeout
+from vecpipe.db.schema import (
+    CHANGES,
+    KEY,
+    MERGED,
+    STAGING,
+    copy_types,
+    staging_name,
+    staging_table,
+)
 from vecpipe.messages import ChunkGap
 
 __all__ = ["MergeStats", "Row", "Store", "collapse"]
 
-# Staging is TEMPORARY (``vecpipe.db.schema.staging_table``): it is private to the writer's
-# session (concurrent writers never see each other's rows), is not WAL-logged (it only lives
+# Staging is TEMPORARY (``vecpipe.db.schema.staging_table``): it is private to the server
+# connection (concurrent writers never see each other's rows), is not WAL-logged (it only lives
 # for the transaction, so it needs no crash safety), and is emptied on commit. ON COMMIT DELETE
 # ROWS keeps its definition per connection, so a batch pays for a COPY, not for a CREATE.
 
@@ -45,7 +53,7 @@ INSERT INTO {schema}.documents AS d
     (tenant_id, doc_id, version, chunk_count, deleted, published_at)
 SELECT DISTINCT ON (s.tenant_id, s.doc_id) s.tenant_id, s.doc_id, s.doc_version, s.chunk_count,
        false, s.published_at
-FROM vecpipe_staging s
+FROM {staging} s
 LEFT JOIN {schema}.tenant_deletions t ON t.tenant_id = s.tenant_id
 LEFT JOIN {schema}.documents o ON o.tenant_id = s.tenant_id AND o.doc_id = s.doc_id
 WHERE (t.deleted_before IS NULL OR s.published_at > t.deleted_before)
@@ -71,7 +79,7 @@ WHERE d.version < EXCLUDED.version
 _MERGE = """
 INSERT INTO {schema}.chunks AS c ({merged})
 SELECT {staged}
-FROM vecpipe_staging s
+FROM {staging} s
 JOIN {schema}.documents d ON d.tenant_id = s.tenant_id AND d.doc_id = s.doc_id
 WHERE NOT s.gap AND s.doc_version = d.version AND NOT d.deleted AND s.chunk_index < d.chunk_count
   AND (d.deleted_before IS NULL OR s.published_at > d.deleted_before)
@@ -84,14 +92,15 @@ RETURNING (xmax = 0) AS inserted
 """
 
 
-def _merge_statement(schema: sql.Identifier) -> sql.Composed:
+def _merge_statement(schema: sql.Identifier, staging: sql.Composed) -> sql.Composed:
     def names(prefix: str, columns: Sequence[str]) -> sql.Composed:
         return sql.SQL(", ").join(sql.SQL(prefix) + sql.Identifier(c) for c in columns)
 
     updates = sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
                                  for c in MERGED if c not in KEY)
     return sql.SQL(_MERGE).format(
-        schema=schema, merged=names("", MERGED), staged=names("s.", MERGED), updates=updates,
+        schema=schema, staging=staging, merged=names("", MERGED), staged=names("s.", MERGED),
+        updates=updates,
         stored_changes=names("c.", CHANGES), new_changes=names("EXCLUDED.", CHANGES))
 
 
@@ -100,7 +109,7 @@ def _merge_statement(schema: sql.Identifier) -> sql.Composed:
 #    versions of a document. The slot stays empty until the dead letter is replayed.
 _GAPS = """
 DELETE FROM {schema}.chunks c
-USING vecpipe_staging s, {schema}.documents d
+USING {staging} s, {schema}.documents d
 WHERE s.gap AND c.tenant_id = s.tenant_id AND c.doc_id = s.doc_id
   AND c.chunk_index = s.chunk_index
   AND d.tenant_id = s.tenant_id AND d.doc_id = s.doc_id AND s.doc_version = d.version
@@ -111,7 +120,7 @@ WHERE s.gap AND c.tenant_id = s.tenant_id AND c.doc_id = s.doc_id
 # 4. A version with fewer chunks than the one before: the chunks past its end go.
 _STALE = """
 DELETE FROM {schema}.chunks c
-USING (SELECT DISTINCT tenant_id, doc_id FROM vecpipe_staging) s, {schema}.documents d
+USING (SELECT DISTINCT tenant_id, doc_id FROM {staging}) s, {schema}.documents d
 WHERE c.tenant_id = s.tenant_id AND c.doc_id = s.doc_id
   AND d.tenant_id = s.tenant_id AND d.doc_id = s.doc_id
   AND NOT d.deleted AND c.chunk_index >= d.chunk_count AND c.doc_version <= d.version
@@ -207,13 +216,14 @@ class Store:
         self._vtype = cfg.vector.column_type
         self._wrap: type[Vector] | type[HalfVector] = (
             HalfVector if self._vtype == "halfvec" else Vector)
-        self._merge_sql = _merge_statement(self.schema)
+        self._staging = staging_name(cfg.vector)
+        self._merge_sql = _merge_statement(self.schema, self._staging)
         self._eraser = Eraser(cfg.database.schema)
-        self._copy_sql = sql.SQL("COPY vecpipe_staging ({}) FROM STDIN (FORMAT BINARY)").format(
-            sql.SQL(", ").join(map(sql.Identifier, STAGING)))
+        self._copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+            self._staging, sql.SQL(", ").join(map(sql.Identifier, STAGING)))
 
     def _q(self, text: str) -> sql.Composed:
-        return sql.SQL(text).format(schema=self.schema)
+        return sql.SQL(text).format(schema=self.schema, staging=self._staging)
 
     def apply(self, rows: Sequence[Row], deletes: Sequence[DeleteRequest],
               worker_id: str = "", progress: Callable[[], None] = lambda: None) -> MergeStats:
@@ -225,6 +235,8 @@ class Store:
         stats = MergeStats()
         with (self.pool.connection() as conn,
               deadline(conn, self.cfg.database.call_timeout_s) as clock, conn.transaction()):
+            local_timeout(conn, self.cfg.database.statement_timeout_ms)
+
             def step() -> None:
                 clock.renew()
                 progress()

@@ -11,6 +11,8 @@ resolves once into a cache; PostgreSQL 18 with pgvector comes from the ``embedde
     kafka.log       broker log and JVM output
     postgres/       the PostgreSQL data directory (also holds its unix socket)
     postgres.log    server log
+    pgbouncer/      with --pgbouncer: PgBouncer's ini, pid file and log
+    replica/        with --replica: the hot standby's data directory (replica.log its log)
 """
 
 from __future__ import annotations
@@ -55,9 +57,22 @@ from vecpipe.devservices.state import (
     read_state,
     write_state,
 )
+from vecpipe.devservices.topology import (
+    running_pgbouncer,
+    start_pgbouncer,
+    start_replica,
+    stop_pgbouncer,
+    stop_replica,
+)
 from vecpipe.errors import ServiceError
 
+DEFAULT_PGBOUNCER_PORT = 6432
+
+DEFAULT_REPLICA_PORT = 5433
+
 __all__ = [
+    "DEFAULT_PGBOUNCER_PORT",
+    "DEFAULT_REPLICA_PORT",
     "KAFKA_VERSION",
     "ServiceInfo",
     "default_jar_cache",
@@ -74,14 +89,21 @@ def up(
     postgres_port: int | None = None,
     jar_cache: Path | None = None,
     progress: Callable[[str], None] = lambda _: None,
+    pgbouncer: bool = False,
+    pgbouncer_port: int | None = None,
+    replica: bool = False,
+    replica_port: int | None = None,
 ) -> ServiceInfo:
     """Start Kafka and PostgreSQL for ``home`` unless they run, and return where they listen.
 
     Idempotent: with both running it changes nothing and returns the same info. Ports are the
     ones given, else those recorded by an earlier ``up``, else 9092/5432 when free, else free
     ones; the controller's is 9093 only beside a broker on 9092. The first call downloads the
-    Kafka jars into ``jar_cache`` (default ``~/.cache/vecpipe``) with Maven. Raises
-    ServiceError with what to do when anything fails.
+    Kafka jars into ``jar_cache`` (default ``~/.cache/vecpipe``) with Maven. With
+    ``pgbouncer``, PgBouncer in transaction mode fronts the server (default port 6432); with
+    ``replica``, a hot standby streams from it (default port 5433); either one, once started,
+    is kept by later calls until ``down``. Raises ServiceError with what to do when anything
+    fails.
     """
     paths = Paths(home.expanduser().resolve())
     paths.home.mkdir(parents=True, exist_ok=True)
@@ -149,11 +171,51 @@ def up(
             state = replace(state, postgres_pid=postmaster[0])
             write_state(paths, state)
         ensure_database(pg_port, paths)
+        state = _topology(paths, old, state, taken, progress, pgbouncer=pgbouncer,
+                          pgbouncer_port=pgbouncer_port, replica=replica,
+                          replica_port=replica_port)
 
         progress(f"Waiting for Kafka on 127.0.0.1:{k_port}")
         wait_for_kafka(paths, kafka_pid, k_port, KAFKA_READY_TIMEOUT_S)
         progress("Kafka and PostgreSQL are ready")
-        return info(paths, state, kafka_running=True, postgres_running=True)
+        return info(paths, state, kafka_running=True, postgres_running=True,
+                    pgbouncer_running=state.pgbouncer_pid is not None,
+                    replica_running=state.replica_pid is not None)
+
+
+def _topology(paths: Paths, old: State | None, state: State, taken: set[int],
+              progress: Callable[[str], None], *, pgbouncer: bool, pgbouncer_port: int | None,
+              replica: bool, replica_port: int | None) -> State:
+    """Start PgBouncer and the replica when asked (or when an earlier ``up`` started them and
+    they stopped with the server); record them."""
+    bouncer_pid = running_pgbouncer(paths)
+    if bouncer_pid is not None and old is not None and old.pgbouncer_port is not None:
+        refuse_move("PgBouncer", paths, old.pgbouncer_port, pgbouncer_port, "--pgbouncer-port")
+        state = replace(state, pgbouncer_port=old.pgbouncer_port, pgbouncer_pid=bouncer_pid)
+    elif pgbouncer or pgbouncer_port is not None:
+        port = choose_port(pgbouncer_port, old.pgbouncer_port if old else None,
+                           DEFAULT_PGBOUNCER_PORT, taken)
+        require_free_port(port, "PgBouncer", paths)
+        pid = start_pgbouncer(paths, postgres_bin(), port, state.postgres_port, progress)
+        state = replace(state, pgbouncer_port=port, pgbouncer_pid=pid)
+    if state.pgbouncer_port is not None:
+        taken.add(state.pgbouncer_port)
+    standby = running_postmaster(paths.replica)
+    if standby is not None:
+        refuse_move("The replica", paths, standby[1], replica_port, "--replica-port")
+        state = replace(state, replica_port=standby[1], replica_pid=standby[0])
+    elif replica or replica_port is not None:
+        port = choose_port(replica_port, old.replica_port if old else None,
+                           DEFAULT_REPLICA_PORT, taken)
+        require_free_port(port, "the replica", paths)
+        start_replica(paths, postgres_bin(), port, state.postgres_port, progress)
+        standby = running_postmaster(paths.replica)
+        if standby is None:
+            raise ServiceError(
+                f"The replica reported a start but is not running; see {paths.replica_log}.")
+        state = replace(state, replica_port=port, replica_pid=standby[0])
+    write_state(paths, state)
+    return state
 
 
 def controller_default(kafka_port: int) -> int | None:
@@ -173,18 +235,23 @@ def down(home: Path, *, purge: bool = False) -> None:
         return
     with locked(paths.lock):
         state = read_state(paths, strict=False)
+        stop_pgbouncer(paths)
+        if running_postmaster(paths.replica) is not None:
+            stop_replica(paths, postgres_bin())
         kafka_pid = find_kafka_pid(paths, state)
         if kafka_pid is not None:
             stop_kafka(kafka_pid, paths)
         if running_postmaster(paths.pgdata) is not None:
             stop_postgres(paths)
         if purge:
-            for folder in (paths.kafka_dir, paths.pgdata, paths.pg_staging):
+            for folder in (paths.kafka_dir, paths.pgdata, paths.pg_staging, paths.pgbouncer_dir,
+                           paths.replica, paths.replica_staging):
                 shutil.rmtree(folder, ignore_errors=True)
-            for file in (paths.kafka_log, paths.postgres_log, paths.state):
+            for file in (paths.kafka_log, paths.postgres_log, paths.replica_log, paths.state):
                 file.unlink(missing_ok=True)
         elif state is not None:
-            write_state(paths, replace(state, kafka_pid=None, postgres_pid=None))
+            write_state(paths, replace(state, kafka_pid=None, postgres_pid=None,
+                                       pgbouncer_pid=None, replica_pid=None))
 
 
 def status(home: Path) -> ServiceInfo:
@@ -202,7 +269,13 @@ def status(home: Path) -> ServiceInfo:
     postgres_running = postmaster is not None and port_open(postmaster[1])
     if postmaster is not None:
         state = replace(state, postgres_port=postmaster[1])
-    return info(paths, state, kafka_running=kafka_running, postgres_running=postgres_running)
+    bouncer = running_pgbouncer(paths) is not None and state.pgbouncer_port is not None
+    standby = running_postmaster(paths.replica)
+    if standby is not None:
+        state = replace(state, replica_port=standby[1])
+    return info(paths, state, kafka_running=kafka_running, postgres_running=postgres_running,
+                pgbouncer_running=bouncer and port_open(state.pgbouncer_port or 0),
+                replica_running=standby is not None and port_open(standby[1]))
 
 
 def refuse_move(what: str, paths: Paths, running: int, wanted: int | None, flag: str) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "POSTGRES_START_TIMEOUT_S",
     "POSTGRES_STOP_TIMEOUT_S",
     "ensure_database",
+    "pg_command",
     "pg_user",
     "postgres_bin",
     "run_as",
@@ -192,7 +193,7 @@ def _run_pg(command: list[str], user: str | None, what: str, log: Path, timeout:
         raise ServiceError(f"{what} failed{detail}; see {log}.")
 
 
-def _pg_command(
+def pg_command(
     paths: Paths,
     bin_dir: Path,
     command: list[str],
@@ -248,7 +249,7 @@ def _initdb(paths: Paths, bin_dir: Path, progress: Callable[[str], None]) -> Non
         "--auth=trust", "--auth-local=trust", "--encoding=UTF8", "--no-locale",
     ]
     try:
-        _pg_command(paths, bin_dir, command, "initdb", 300, target=staging, before=fresh_staging)
+        pg_command(paths, bin_dir, command, "initdb", 300, target=staging, before=fresh_staging)
     except ServiceError:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -270,7 +271,7 @@ def start_postgres(
         str(bin_dir / "pg_ctl"), "-D", str(paths.pgdata), "-l", str(paths.postgres_log),
         "-w", "-t", str(POSTGRES_START_TIMEOUT_S), "-o", options, "start",
     ]
-    _pg_command(
+    pg_command(
         paths,
         bin_dir,
         command,
@@ -328,7 +329,7 @@ def stop_postgres(paths: Paths) -> None:
         str(bin_dir / "pg_ctl"), "-D", str(paths.pgdata), "-m", "fast", "-w",
         "-t", str(POSTGRES_STOP_TIMEOUT_S), "stop",
     ]
-    _pg_command(
+    pg_command(
         paths,
         bin_dir,
         command,

@@ -56,6 +56,10 @@ class ServiceInfo:
     postgres_running: bool
     kafka_log: Path
     postgres_log: Path
+    # PgBouncer (transaction pooling) in front of the server, and a streaming replica: set
+    # while `vecpipe services up --pgbouncer` / `--replica` started them.
+    pooled_url: str | None = None
+    replica_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,22 @@ class Paths:
     def pg_staging(self) -> Path:
         return self.home / "postgres.initdb"
 
+    @property
+    def pgbouncer_dir(self) -> Path:
+        return self.home / "pgbouncer"
+
+    @property
+    def replica(self) -> Path:
+        return self.home / "replica"
+
+    @property
+    def replica_staging(self) -> Path:
+        return self.home / "replica.basebackup"
+
+    @property
+    def replica_log(self) -> Path:
+        return self.home / "replica.log"
+
 
 @dataclass(frozen=True)
 class State:
@@ -115,19 +135,30 @@ class State:
     kafka_pid: int | None = None
     postgres_pid: int | None = None
     kafka_libs: str | None = None
+    pgbouncer_port: int | None = None
+    pgbouncer_pid: int | None = None
+    replica_port: int | None = None
+    replica_pid: int | None = None
+
+
+def _url(port: int | None) -> str | None:
+    return None if port is None else f"postgresql://{PG_SUPERUSER}@127.0.0.1:{port}/{DATABASE}"
 
 
 def info(
-    paths: Paths, state: State, *, kafka_running: bool, postgres_running: bool
+    paths: Paths, state: State, *, kafka_running: bool, postgres_running: bool,
+    pgbouncer_running: bool = False, replica_running: bool = False,
 ) -> ServiceInfo:
     return ServiceInfo(
         home=paths.home,
         bootstrap=f"127.0.0.1:{state.kafka_port}",
-        database_url=f"postgresql://{PG_SUPERUSER}@127.0.0.1:{state.postgres_port}/{DATABASE}",
+        database_url=_url(state.postgres_port) or "",
         kafka_running=kafka_running,
         postgres_running=postgres_running,
         kafka_log=paths.kafka_log,
         postgres_log=paths.postgres_log,
+        pooled_url=_url(state.pgbouncer_port) if pgbouncer_running else None,
+        replica_url=_url(state.replica_port) if replica_running else None,
     )
 
 
@@ -153,6 +184,10 @@ def write_state(paths: Paths, state: State) -> None:
             "data": str(paths.pgdata),
             "log": str(paths.postgres_log),
         },
+        "pgbouncer": {"port": state.pgbouncer_port, "pid": state.pgbouncer_pid,
+                      "url": _url(state.pgbouncer_port)},
+        "replica": {"port": state.replica_port, "pid": state.replica_pid,
+                    "url": _url(state.replica_port), "data": str(paths.replica)},
     }
     # Written to a side file and renamed, so a crash never leaves half a JSON document behind.
     partial = paths.state.with_name(paths.state.name + ".tmp")
@@ -172,6 +207,10 @@ def read_state(paths: Paths, *, strict: bool = True) -> State | None:
             kafka_pid=_optional_int(kafka.get("pid")),
             postgres_pid=_optional_int(postgres.get("pid")),
             kafka_libs=kafka.get("libs"),
+            pgbouncer_port=_optional_int(document.get("pgbouncer", {}).get("port")),
+            pgbouncer_pid=_optional_int(document.get("pgbouncer", {}).get("pid")),
+            replica_port=_optional_int(document.get("replica", {}).get("port")),
+            replica_pid=_optional_int(document.get("replica", {}).get("pid")),
         )
     except FileNotFoundError:
         return None
