@@ -79,7 +79,6 @@ def test_unknown_model_stops_with_one_sentence_naming_the_setting(migrated: Any)
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.pgbouncer
 def test_delete_commands_remove_a_document_and_a_tenant_end_to_end(
     migrated: Any, encoder: Any
 ) -> None:

@@ -37,7 +37,8 @@ from vecpipe.retry import is_fatal, is_transient
 
 pytestmark = pytest.mark.integration
 
-# Every test but the black-holed network runs a second time through PgBouncer (conftest.py).
+# The merge tests run a second time through PgBouncer (conftest.py); the black-holed network
+# and the offset commit order do not depend on the route to the database.
 through_pgbouncer = pytest.mark.pgbouncer
 
 RNG = np.random.default_rng(7)
@@ -279,7 +280,6 @@ def test_killed_connection_mid_batch_is_retried_to_the_same_result(migrated: Any
         assert conn.execute("SELECT count(*) FROM chunks").fetchone() == (300,)
 
 
-@through_pgbouncer
 def test_offsets_are_committed_only_after_the_database_commit(migrated: Any) -> None:
     """A writer that cannot commit to the database stores no offset; the next run lands all."""
     cfg = migrated

@@ -28,6 +28,7 @@ from vecpipe.config import Config, DatabaseConfig
 from vecpipe.db.plan import format_bytes, vector_index_bytes
 from vecpipe.db.pool import connect, session_database
 from vecpipe.db.schema import lock_key, opclass
+from vecpipe.db.tuning import read_settings, setting_flags
 from vecpipe.errors import IndexOperationError
 
 __all__ = [
@@ -400,7 +401,8 @@ SELECT coalesce(s.n_live_tup, 0), coalesce(s.n_dead_tup, 0), pg_relation_size(c.
        pg_table_size(c.oid), pg_indexes_size(c.oid), pg_total_relation_size(c.oid),
        s.last_vacuum, s.last_autovacuum, s.last_analyze, s.last_autoanalyze,
        (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-        WHERE a.attrelid = c.oid AND a.attname = 'embedding'), c.reltuples
+        WHERE a.attrelid = c.oid AND a.attname = 'embedding'), c.reltuples,
+       coalesce(c.reloptions, '{}')
 FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
 WHERE c.oid = to_regclass(%s)
 """
@@ -429,13 +431,15 @@ def stats(cfg: Config) -> TableStats:
                 f"The schema {schema!r} (VECPIPE_DB_SCHEMA) has no chunks table; run "
                 "'vecpipe migrate' first."
             )
-        (live, dead, heap, tbytes, ibytes, total, vac, avac, an, aan, column, reltuples) = row
+        (live, dead, heap, tbytes, ibytes, total, vac, avac, an, aan, column, reltuples,
+         reloptions) = row
         index_rows = conn.execute(_INDEXES, (table,)).fetchall()
+        settings = read_settings(conn)
     ctype, dim = _column(column)
     table_rows = int(reltuples) if reltuples and reltuples > 0 else int(live)
     indexes = [_index_stats(r, tbytes, ctype, dim, table_rows) for r in index_rows]
     dead_ratio = dead / (live + dead) if live + dead else 0.0
-    flags: list[str] = []
+    flags = setting_flags(settings, dict(o.split("=", 1) for o in reloptions))
     if dead_ratio > DEAD_TUPLES_RATIO:
         flags.append(f"{dead_ratio:.0%} of the tuples are dead: autovacuum is behind; run "
                      "VACUUM (ANALYZE) on the chunks table")

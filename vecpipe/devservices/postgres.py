@@ -68,6 +68,9 @@ POSTGRES_SETTINGS: Mapping[str, str] = {
     "max_parallel_maintenance_workers": "1",
     "max_wal_size": "2GB",
     "checkpoint_timeout": "15min",
+    # vecpipe.db.tuning's recommendations; this build has no lz4, pglz compresses page images.
+    "wal_compression": "pglz",
+    "effective_io_concurrency": "200",
     "random_page_cost": "1.1",
     "fsync": "on",
     "synchronous_commit": "on",

@@ -93,6 +93,7 @@ VECPIPE_KAFKA_REPLICATION_FACTOR: {{ $v.kafka.replicationFactor | quote }}
 {{- end }}
 VECPIPE_DB_SCHEMA: {{ $v.database.schema | quote }}
 VECPIPE_DATABASE_POOL_MAX: {{ $v.database.poolMax | quote }}
+VECPIPE_DATABASE_PROXY: {{ $v.database.proxy | quote }}
 VECPIPE_DIMENSION: {{ $v.vector.dimension | quote }}
 VECPIPE_METRIC: {{ $v.vector.metric | quote }}
 VECPIPE_VECTOR_COLUMN_TYPE: {{ $v.vector.columnType | quote }}
@@ -115,6 +116,20 @@ VECPIPE_MODEL_CACHE_DIR: "/var/cache/vecpipe/models"
     secretKeyRef:
       name: {{ required "database.existingSecret must name the Secret holding VECPIPE_DATABASE_URL" .Values.database.existingSecret | quote }}
       key: {{ .Values.database.urlKey | quote }}
+{{- if .Values.database.directUrlKey }}
+- name: VECPIPE_DATABASE_DIRECT_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.database.existingSecret | quote }}
+      key: {{ .Values.database.directUrlKey | quote }}
+{{- end }}
+{{- if .Values.database.searchUrlKey }}
+- name: VECPIPE_SEARCH_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.database.existingSecret | quote }}
+      key: {{ .Values.database.searchUrlKey | quote }}
+{{- end }}
 {{- if .Values.kafka.sasl.enabled }}
 - name: VECPIPE_KAFKA__SASL_USERNAME
   valueFrom:
