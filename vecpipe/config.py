@@ -122,6 +122,12 @@ def at_least(minimum: float | Callable[[Any], float]) -> Check:
     return check
 
 
+def _at_most(maximum: float) -> Check:
+    def check(value: Any, section: Any) -> str | None:
+        return None if value <= maximum else f"must be at most {maximum:g}, got {value}."
+    return check
+
+
 def one_of(allowed: tuple[str, ...], *, any_case: bool = False) -> Check:
     """The value is one of ``allowed`` (in any letter case, with ``any_case``)."""
     def check(value: Any, section: Any) -> str | None:
@@ -336,6 +342,9 @@ class WriteConfig:
     batch_size: int = setting(1000, at_least(1))
     batch_wait_ms: int = setting(250, at_least(0))
     batch_bytes: int = setting(64 * 1024 * 1024, at_least(1024 * 1024))
+    # Pacing: after each merge, pause this many times the merge's duration (0: none; 0.25
+    # gives searches a fifth of the writer's database time during an ingestion spike).
+    pause_ratio: float = setting(0.0, at_least(0), _at_most(4.0))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ and the merge a child of it (``vecpipe.tracing``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -34,7 +35,10 @@ from vecpipe.stages.decode import Decoded, decode_batch
 from vecpipe.stages.settle import Failure, Settle, retry_counter
 from vecpipe.tracing import batch_span, get_tracer
 
-__all__ = ["StoreLike", "WriteProcessor", "to_row"]
+__all__ = ["MAX_PAUSE_S", "StoreLike", "WriteProcessor", "to_row"]
+
+# The longest pause write.pause_ratio inserts after one merge (shutdown waits for it).
+MAX_PAUSE_S = 2.0
 
 
 class StoreLike(Protocol):
@@ -146,6 +150,7 @@ class WriteProcessor:
         if not gaps_wanted(failures):
             refused.clear()
         kept, deletes = _drop_superseded([*rows, *refused], deletes)
+        merge_started = time.monotonic()
         with self.tracer.start_as_current_span(
                 "vecpipe.write merge",
                 attributes={"vecpipe.rows": len(kept), "vecpipe.deletes": len(deletes)}) as span:
@@ -157,9 +162,18 @@ class WriteProcessor:
         for action in MergeStats.ACTIONS:
             self.metrics.rows.labels(self.metrics.stage, action).inc(getattr(stats, action))
         self.log.debug("batch_merged", records=len(batch.messages), **vars(stats))
+        self._pace(time.monotonic() - merge_started)
         # The transaction committed for every record, revoked partitions' included.
         return self.settle(batch.messages, list(batch.messages), failures, produced=False,
                            progress=batch.progress)
+
+    def _pace(self, merge_s: float) -> None:
+        """The writer's own pacing (write.pause_ratio): after a merge that kept a database core
+        busy for ``merge_s``, leave it to searches for ``pause_ratio`` times as long (at most
+        ``MAX_PAUSE_S``), so that an ingestion spike never takes every core from them."""
+        pause = min(self.cfg.write.pause_ratio * merge_s, MAX_PAUSE_S)
+        if pause > 0:
+            time.sleep(pause)
 
     def _convert(self, msg: Message, obj: Decoded) -> Row | DeleteRequest:
         if isinstance(obj, Chunk):

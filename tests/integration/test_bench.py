@@ -37,3 +37,32 @@ def test_bench_write_prints_one_json_report_and_leaves_nothing_behind(cfg: Any) 
         left = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
                             (used,)).fetchall()
     assert left == []
+
+
+def test_bench_spike_reports_both_profiles_and_puts_the_settings_back(cfg: Any) -> None:
+    """A tiny spike benchmark: both profiles' idle and during-ingest latencies and ingest rates,
+    the two ratios with targets; ALTER SYSTEM is reset and its schemas are dropped."""
+    def altered() -> set[str]:
+        with connect(cfg.database, vector_types=False, autocommit=True) as conn:
+            return {r[0] for r in conn.execute(
+                "SELECT name FROM pg_settings WHERE source = 'configuration file'"
+                " AND sourcefile LIKE '%%postgresql.auto.conf'")}
+
+    before = altered()
+    proc = run_cli(cfg, "bench", "spike", "--rows", "240", "--base", "400", "--qps", "20",
+                   "--idle-s", "1", "--json", timeout=300)
+    spike = json.loads(proc.stdout)["spike"]
+    for profile in ("defaults", "tuned"):
+        figures = spike[profile]
+        assert figures["ingest_rows_per_s"] > 0
+        assert figures["idle"]["n"] >= 10 and figures["during_ingest"]["n"] >= 1
+        assert figures["p99_ratio"] > 0
+    assert spike["defaults"]["settings"]["checkpoint_timeout"] == "5min"
+    assert spike["tuned"]["pause_ratio"] == 0.1
+    assert set(spike["target"]) == {"p99_ratio", "ingest_ratio"}
+    assert altered() == before
+    used = re.findall(r"namespace (bench_[0-9a-f]+_[dt]):", proc.stderr)
+    assert len(used) == 2, proc.stderr
+    with connect(cfg.database, vector_types=False, autocommit=True) as conn:
+        assert conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)",
+                            (used,)).fetchall() == []

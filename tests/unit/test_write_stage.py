@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -526,3 +527,23 @@ def test_a_batch_that_trips_the_dead_letter_cap_leaves_no_gaps() -> None:
     few = stage()
     few.run(msgs[:3])
     assert len([r for r in few.store.committed_rows if r.gap]) == 3
+
+
+@pytest.mark.parametrize(("ratio", "paused"), [(0.0, False), (0.5, True)])
+def test_the_writer_paces_itself_after_each_merge(monkeypatch: pytest.MonkeyPatch, ratio: float,
+                                                   paused: bool) -> None:
+    """write.pause_ratio: after a merge, the writer leaves the database alone for that share of
+    the merge's time (bounded), and never with the default of 0."""
+    import workers.write as write_stage
+
+    sleeps: list[float] = []
+    clock = iter([100.0, 104.0, 200.0, 200.1])
+    monkeypatch.setattr(write_stage, "time", SimpleNamespace(monotonic=lambda: next(clock),
+                                                             sleep=sleeps.append))
+    cfg = replace(CFG, write=replace(CFG.write, pause_ratio=ratio))
+    feed = Feed()
+    s = stage(cfg=cfg)
+    s.run([feed.emb(chunk("d1", 0))])
+    s.run([feed.emb(chunk("d2", 0))])
+    # 4 s merge: 2 s at most; 0.1 s merge: half of it.
+    assert sleeps == ([write_stage.MAX_PAUSE_S, pytest.approx(0.05)] if paused else [])

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from vecpipe.bench import e2e, embed, search, write
+from vecpipe.bench import e2e, embed, search, spike, write
 from vecpipe.bench.env import (
     Progress,
     bench_services,
@@ -41,6 +41,11 @@ def _search(cfg: Config, progress: Progress, args: argparse.Namespace) -> dict[s
                             ef_search=args.ef_search, clusters=args.clusters)
 
 
+def _spike(cfg: Config, progress: Progress, args: argparse.Namespace) -> dict[str, Any]:
+    return spike.run(cfg, progress, rows=args.rows, base=args.base, qps=args.qps,
+                     idle_s=args.idle_s, pause_ratio=args.pause_ratio)
+
+
 Runner = Callable[[Config, Progress, argparse.Namespace], dict[str, Any]]
 
 # name -> (runner, uses the model)
@@ -50,6 +55,7 @@ BENCHMARKS: dict[str, tuple[Runner, bool]] = {
     "e2e": (_e2e, True),
     "search": (_search, True),
     "reingest": (_reingest, True),
+    "spike": (_spike, False),
 }
 
 

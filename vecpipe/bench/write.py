@@ -45,7 +45,8 @@ from vecpipe.messages import (
     schema_headers,
 )
 
-__all__ = ["HNSW_TARGET", "WRITE_TARGET", "SyntheticRows", "run", "synthetic_rows"]
+__all__ = ["HNSW_TARGET", "WRITE_TARGET", "SyntheticRows", "copy_into", "run", "synthetic_rows",
+           "writer_run"]
 
 WRITE_TARGET = Target(">=", 0.60)
 HNSW_TARGET = Target(">=", 0.90)
@@ -120,7 +121,7 @@ def _copy_types(cfg: Config) -> list[str]:
     return [t or cfg.vector.column_type for t in _TYPES]
 
 
-def _copy_into(conn: Any, cfg: Config, table: sql.Composable,
+def copy_into(conn: Any, cfg: Config, table: sql.Composable,
                rows: Sequence[tuple[Any, ...]]) -> float:
     """COPY (FORMAT BINARY) ``rows`` into ``table`` and commit; return the seconds taken."""
     started = time.perf_counter()
@@ -133,7 +134,7 @@ def _copy_into(conn: Any, cfg: Config, table: sql.Composable,
     return time.perf_counter() - started
 
 
-def _writer_run(cfg: Config, data: SyntheticRows, progress: Progress,
+def writer_run(cfg: Config, data: SyntheticRows, progress: Progress,
                 label: str) -> tuple[float, dict[str, float]]:
     """Run the real writer over ``data`` (held back, then released); return seconds, metrics."""
     wire = "float16" if cfg.vector.column_type == "halfvec" else "float32"
@@ -165,8 +166,11 @@ def _writer_run(cfg: Config, data: SyntheticRows, progress: Progress,
             runner.close()
         # Read after the worker stopped: the last batch's metrics are recorded after its commit.
         samples = runner.metrics()
-        row = conn.execute(sql.SQL("SELECT count(*) FROM {}.chunks WHERE tenant_id = %s").format(
-            sql.Identifier(cfg.database.schema)), (data.chunks[0].tenant_id,)).fetchone()
+        row = conn.execute(sql.SQL(
+            "SELECT count(*) FROM {}.chunks WHERE tenant_id = %s AND doc_id = ANY(%s)").format(
+            sql.Identifier(cfg.database.schema)), (data.chunks[0].tenant_id,
+                                                   sorted({c.doc_id for c in data.chunks}))
+        ).fetchone()
     written = int(row[0]) if row else 0
     if written != len(data.chunks):
         raise BenchError(f"the writer committed {written} rows of {len(data.chunks)}; "
@@ -194,10 +198,10 @@ def run(cfg: Config, progress: Progress, *, rows: int,
                                  "INCLUDING STORAGE)").format(limit_table, schema))
             conn.commit()
             progress(f"limit, first half: COPY {first.stop} rows into an unindexed table")
-            copy_a = _copy_into(conn, ns, limit_table, raw[first])
-            pipe_s, samples = _writer_run(ns, pipe, progress, "unindexed")
+            copy_a = copy_into(conn, ns, limit_table, raw[first])
+            pipe_s, samples = writer_run(ns, pipe, progress, "unindexed")
             progress(f"limit, second half: COPY {second.stop - second.start} rows")
-            copy_b = _copy_into(conn, ns, limit_table, raw[second])
+            copy_b = copy_into(conn, ns, limit_table, raw[second])
 
     hnsw = _hnsw(cfg, progress, hnsw_n)
     pipe_rate, copy_rate = rate(rows, pipe_s), rate(rows, copy_a + copy_b)
@@ -249,7 +253,7 @@ def _hnsw(cfg: Config, progress: Progress, n: int) -> dict[str, Any]:
                 conn.execute(sql.SQL(
                     "CREATE TEMPORARY TABLE {} (LIKE {}.chunks INCLUDING DEFAULTS)").format(
                     table, schema))
-                _copy_into(conn, ns, table, raw[part])
+                copy_into(conn, ns, table, raw[part])
                 halves.append(table)
 
             def insert_select(table: sql.Identifier) -> float:
@@ -261,7 +265,7 @@ def _hnsw(cfg: Config, progress: Progress, n: int) -> dict[str, Any]:
 
             progress(f"HNSW limit, first half: INSERT ... SELECT {first.stop} rows")
             raw_a = insert_select(halves[0])
-            pipe_s, samples = _writer_run(ns, pipe, progress, "HNSW")
+            pipe_s, samples = writer_run(ns, pipe, progress, "HNSW")
             progress(f"HNSW limit, second half: INSERT ... SELECT {second.stop - first.stop} rows")
             raw_b = insert_select(halves[1])
     return {"pipeline_per_s": rate(n, pipe_s), "limit_per_s": rate(n, raw_a + raw_b),

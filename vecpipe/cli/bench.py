@@ -105,6 +105,20 @@ def register(sub: Any) -> None:
     q.add_argument("--clusters", type=positive_int,
                    help="clusters of the synthetic vectors (default: the square root of --rows)")
 
+    q = kinds.add_parser(
+        "spike", help="fixed-rate searches during a bulk HNSW ingest: defaults vs tuned")
+    common(q, model=False)
+    q.add_argument("--rows", type=positive_int, default=100_000,
+                   help="rows ingested through the writer into the live index (default 100000)")
+    q.add_argument("--base", type=positive_int, default=20_000,
+                   help="rows COPYed and indexed before the ingest (default 20000)")
+    q.add_argument("--qps", type=positive_float, default=10.0,
+                   help="searches per second, fixed, in both phases (default 10)")
+    q.add_argument("--idle-s", type=positive_float, default=30.0,
+                   help="seconds of searches with nothing else running (default 30)")
+    q.add_argument("--pause-ratio", type=positive_float, default=0.1,
+                   help="write.pause_ratio of the tuned profile's writer (default 0.1)")
+
     q = kinds.add_parser("reingest", help="re-publishing an unchanged corpus vs the first ingest")
     common(q, model=True)
     q.add_argument("--chunks", type=positive_int, default=500,
