@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import struct
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +26,14 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from vecpipe.errors import InvalidMessage
+from vecpipe.jsonbounds import (
+    MAX_DEPTH,
+    MAX_METADATA_BYTES,
+    MAX_VALUE_BYTES,
+    check_metadata,
+    parse_json,
+    refuse_nul,
+)
 from vecpipe.resources import resource_dir
 
 __all__ = [
@@ -456,100 +463,7 @@ def encode_embedding(emb: Embedding, dtype: str = "float32") -> bytes:
     return bytes(_LEN.pack(len(head)) + head + vec.tobytes())
 
 
-def _json(value: bytes) -> Any:
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidMessage(f"the value is not valid UTF-8 (byte {exc.start}).") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidMessage(f"the value is not valid JSON: {exc.msg} at {exc.pos}.") from None
-    except RecursionError:
-        raise InvalidMessage(
-            f"the value nests arrays or objects deeper than {MAX_DEPTH} levels.") from None
-    except ValueError:
-        # An integer literal of more digits than Python converts (4,300 by default).
-        raise InvalidMessage(
-            "the value has an integer of more than 4,300 digits, which no field can hold."
-        ) from None
-    _walk(data, has_escapes=_SURROGATE_ESCAPE.search(value) is not None)
-    return data
-
-
-# Bounds every record is held to before and while it is parsed (documented in schemas/): a value
-# at most MAX_VALUE_BYTES long, containers nested at most MAX_DEPTH deep, and metadata of at most
-# MAX_METADATA_BYTES once serialized. The largest valid chunk (100,000 characters of text) fits.
-MAX_VALUE_BYTES = 2 * 1024 * 1024
-MAX_DEPTH = 16
-MAX_METADATA_BYTES = 65_536
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _walk(data: Any, *, has_escapes: bool) -> None:
-    """Refuse containers nested deeper than MAX_DEPTH, and (only escaped values can have one)
-    half of a surrogate pair ("\\ud800"), which no UTF-8 text can hold: the tokenizer and
-    PostgreSQL would both fail on it later. Iterative: a hostile depth cannot exhaust the stack."""
-    stack: list[tuple[Any, str, int]] = [(data, "", 1)]
-    while stack:
-        item, where, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > MAX_DEPTH:
-                raise InvalidMessage(
-                    f"the value nests arrays or objects deeper than {MAX_DEPTH} levels "
-                    f"(at {where or 'the top level'}).")
-            pairs = item.items() if isinstance(item, dict) else enumerate(item)
-            for key, child in pairs:
-                if has_escapes and isinstance(key, str):
-                    _refuse_lone_surrogate(key, f"a key of {where or 'the top level'}")
-                stack.append((child, f"{where}/{key}", depth + 1))
-        elif has_escapes and isinstance(item, str):
-            _refuse_lone_surrogate(item, where)
-
-
-def _refuse_lone_surrogate(text: str, where: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidMessage(
-            f"the value has a lone surrogate (U+{ord(text[exc.start]):04X}) at "
-            f"{where or 'the top level'}, which is not valid Unicode."
-        ) from None
-
-
-def _refuse_nul(data: Any) -> None:
-    """PostgreSQL text and jsonb cannot hold U+0000: a chunk carrying one anywhere (text,
-    source_uri, metadata) can never be stored, so it is refused before any work is spent."""
-    stack: list[tuple[Any, str]] = [(data, "")]
-    while stack:
-        item, where = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                raise InvalidMessage(
-                    f"the chunk has a NUL character (U+0000) at {where or 'the top level'}, "
-                    "which PostgreSQL text cannot store; remove it before publishing.")
-        elif isinstance(item, dict):
-            stack.extend((k, f"a key of {where or 'the top level'}") for k in item)
-            stack.extend((v, f"{where}/{k}") for k, v in item.items())
-        elif isinstance(item, list):
-            stack.extend((v, f"{where}/{i}") for i, v in enumerate(item))
-
-
 _NUL_ESCAPE = b"\\u0000"
-
-
-def _check_metadata(data: Mapping[str, Any], size: int) -> None:
-    """Metadata travels with every chunk of a document: bound it. ``size`` is the record's."""
-    metadata = data.get("metadata")
-    if not metadata or size <= MAX_METADATA_BYTES:
-        return
-    encoded = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
-    if encoded > MAX_METADATA_BYTES:
-        raise InvalidMessage(
-            f"the metadata is {encoded} bytes as JSON, more than the {MAX_METADATA_BYTES} a "
-            "chunk may carry (it travels with every chunk); keep large values in the document "
-            "store and reference them.")
 
 
 def _schema_of(headers: HeaderLike) -> tuple[str, int]:
@@ -583,11 +497,11 @@ def _decode_embedding(value: bytes, version: int) -> Embedding:
             f"the embedding metadata length {size} runs past the end of the value."
         )
     block = value[_LEN.size : _LEN.size + size]
-    meta = _json(block)
+    meta = parse_json(block)
     _check(EMBEDDING, version, meta)
-    _check_metadata(meta, size)
+    check_metadata(meta, size)
     if _NUL_ESCAPE in block:
-        _refuse_nul(meta)
+        refuse_nul(meta)
     dtype = _DTYPES[meta["dtype"]]
     body = value[_LEN.size + size :]
     if len(body) != meta["dim"] * dtype.itemsize:
@@ -632,12 +546,12 @@ def decode(value: bytes | None,
             "may have.")
     if name == EMBEDDING:
         return _decode_embedding(value, version)
-    data = _json(value)
+    data = parse_json(value)
     _check(name, version, data)
     if name == CHUNK:
-        _check_metadata(data, len(value))
+        check_metadata(data, len(value))
         if _NUL_ESCAPE in value:
-            _refuse_nul(data)
+            refuse_nul(data)
         return Chunk.from_dict(data)
     if name == GAP:
         if data["chunk_index"] >= data["chunk_count"]:
