@@ -9,14 +9,22 @@ set most) a short variable name, side by side. A wrong value stops the process a
 from __future__ import annotations
 
 import os
-import re
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vecpipe.declare import (
+    at_least,
+    at_most,
+    matching,
+    not_blank,
+    one_of,
+    optional,
+    setting,
+)
 from vecpipe.errors import ConfigError
 from vecpipe.localhome import (
     DEFAULT_HOME,
@@ -98,59 +106,7 @@ def default_model_path() -> str:
         return DEFAULT_MODEL_ID
 
 
-# -- declaring settings -------------------------------------------------------------------------
-
-# A check gets the value and its whole section (for limits that depend on another setting) and
-# returns what is wrong ("must be at least 1, got 0."), or None.
-Check = Callable[[Any, Any], str | None]
-
-
-def setting(default: Any = MISSING, *checks: Check, env: str | None = None,
-            factory: Callable[[], Any] | None = None) -> Any:
-    """A configuration field: its default (or ``factory``), its checks and its short variable."""
-    metadata = {"checks": checks, "env": env}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def at_least(minimum: float | Callable[[Any], float]) -> Check:
-    """The value is at least ``minimum`` (a number, or one computed from the section)."""
-    def check(value: Any, section: Any) -> str | None:
-        low = minimum(section) if callable(minimum) else minimum
-        return None if value >= low else f"must be at least {low}, got {value!r}."
-    return check
-
-
-def _at_most(maximum: float) -> Check:
-    def check(value: Any, section: Any) -> str | None:
-        return None if value <= maximum else f"must be at most {maximum:g}, got {value}."
-    return check
-
-
-def one_of(allowed: tuple[str, ...], *, any_case: bool = False) -> Check:
-    """The value is one of ``allowed`` (in any letter case, with ``any_case``)."""
-    def check(value: Any, section: Any) -> str | None:
-        if (str(value).lower() if any_case else value) in allowed:
-            return None
-        return f"must be one of {', '.join(allowed)}, got {value!r}."
-    return check
-
-
-def matching(pattern: str, what: str) -> Check:
-    """The value matches ``pattern``; ``what`` says in words what that means."""
-    compiled = re.compile(pattern)
-
-    def check(value: Any, section: Any) -> str | None:
-        return None if compiled.match(str(value)) else f"{value!r} {what}."
-    return check
-
-
-def _not_blank(what: str) -> Check:
-    def check(value: Any, section: Any) -> str | None:
-        return None if str(value).strip() else f"is empty; {what}."
-    return check
-
+# -- checks of single settings ---------------------------------------------------------------
 
 _IDENTIFIER = matching(r"^[a-z_][a-z0-9_]{0,62}$",
                        "must be a lower-case SQL identifier (letters, digits and '_', not "
@@ -166,13 +122,6 @@ def _postgres_url(value: Any, section: Any) -> str | None:
         return None
     return (f"{redact_url(url)!r} is not a PostgreSQL URL; use "
             "postgresql://user:password@host:port/dbname.")
-
-
-def _optional(check: Check) -> Check:
-    """``check``, unless the value is empty (the setting is not used)."""
-    def optional(value: Any, section: Any) -> str | None:
-        return check(value, section) if str(value) else None
-    return optional
 
 
 def _dimension_fits_index(value: Any, section: Any) -> str | None:
@@ -229,7 +178,7 @@ def _port(value: Any, section: Any) -> str | None:
 class KafkaConfig:
     """Where the broker is, topic names, and librdkafka settings passed through unchanged."""
 
-    bootstrap: str = setting("127.0.0.1:9092", _not_blank("give host:port"),
+    bootstrap: str = setting("127.0.0.1:9092", not_blank("give host:port"),
                              env="VECPIPE_KAFKA_BOOTSTRAP")
     chunks_topic: str = setting("vecpipe.chunks", _TOPIC, env="VECPIPE_TOPIC_CHUNKS")
     embeddings_topic: str = setting("vecpipe.embeddings", _TOPIC, env="VECPIPE_TOPIC_EMBEDDINGS")
@@ -260,9 +209,9 @@ class DatabaseConfig:
     # state either way; the operations that need a session (CREATE INDEX CONCURRENTLY under a
     # session lock) connect to direct_url instead and say so.
     proxy: str = setting("none", one_of(PROXIES), env="VECPIPE_DATABASE_PROXY")
-    direct_url: str = setting("", _optional(_postgres_url), env="VECPIPE_DATABASE_DIRECT_URL")
+    direct_url: str = setting("", optional(_postgres_url), env="VECPIPE_DATABASE_DIRECT_URL")
     # Where searches and status read: a streaming replica (read-only); empty means `url`.
-    search_url: str = setting("", _optional(_postgres_url), env="VECPIPE_SEARCH_DATABASE_URL")
+    search_url: str = setting("", optional(_postgres_url), env="VECPIPE_SEARCH_DATABASE_URL")
     schema: str = setting("vecpipe", _IDENTIFIER, env="VECPIPE_DB_SCHEMA")
     pool_min: int = setting(1, at_least(0))
     pool_max: int = setting(4, at_least(lambda s: max(1, s.pool_min)))
@@ -301,7 +250,7 @@ class VectorConfig:
 class ModelConfig:
     """Which sentence-transformers model, where it runs and in what precision."""
 
-    name: str = setting(MISSING, _not_blank("give a model folder or name"), env="VECPIPE_MODEL",
+    name: str = setting(MISSING, not_blank("give a model folder or name"), env="VECPIPE_MODEL",
                         factory=default_model_path)
     # The name recorded with every vector (lineage, reuse); defaults to the model's hub id for
     # the shipped model and to the folder's name for other local folders.
@@ -344,7 +293,7 @@ class WriteConfig:
     batch_bytes: int = setting(64 * 1024 * 1024, at_least(1024 * 1024))
     # Pacing: after each merge, pause this many times the merge's duration (0: none; 0.25
     # gives searches a fifth of the writer's database time during an ingestion spike).
-    pause_ratio: float = setting(0.0, at_least(0), _at_most(4.0))
+    pause_ratio: float = setting(0.0, at_least(0), at_most(4.0))
 
 
 @dataclass(frozen=True)
@@ -415,7 +364,7 @@ class TracingConfig:
 
     # A collector's OTLP/HTTP address: /v1/traces is added when the URL has no path.
     otlp_endpoint: str = setting("", _otlp_url, env="VECPIPE_TRACING_OTLP_ENDPOINT")
-    service_name: str = setting("vecpipe", _not_blank("give the service name spans are filed "
+    service_name: str = setting("vecpipe", not_blank("give the service name spans are filed "
                                                       "under"))
     # The share of batches traced (the batch span has no parent: it is each trace's root).
     sample_ratio: float = setting(1.0, _fraction)

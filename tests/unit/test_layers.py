@@ -20,7 +20,7 @@ OURS = (*PACKAGES,)
 # Which layers a layer may import (its own included). Leaves import only leaves.
 LEAVES = {"vecpipe.errors", "vecpipe.config", "vecpipe.logs", "vecpipe.health",
           "vecpipe.resources", "vecpipe.messages", "vecpipe.model", "vecpipe.tracing",
-          "vecpipe.localhome", "vecpipe.redact", "vecpipe.jsonbounds"}
+          "vecpipe.localhome", "vecpipe.redact", "vecpipe.jsonbounds", "vecpipe.declare"}
 ALLOWED: dict[str, set[str]] = {
     "leaf": {"leaf"},
     "retry": {"leaf"},
