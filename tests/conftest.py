@@ -160,15 +160,18 @@ def cfg(endpoints: Endpoints, namespace: str, route: str) -> Any:
             "partitions": 4,
         },
         "database": {"url": endpoints.database_url, "schema": namespace,
-                     "app_role": f"{namespace}_app"} | ({
-                         "url": endpoints.pooled_url, "proxy": "transaction",
-                         "direct_url": endpoints.database_url} if route == "pgbouncer" else {}),
+                     "app_role": f"{namespace}_app"},
         "embed": {"batch_wait_ms": 100},
         "write": {"batch_wait_ms": 100},
         "retry": {"attempts": 6, "initial_wait_s": 0.1, "max_wait_s": 2.0},
         "ops": {"log_format": "json", "worker_id": f"{namespace}-worker",
                 "shutdown_grace_s": 20.0},
     })
+    if route == "pgbouncer":
+        from tests.helpers import through_pgbouncer
+
+        assert endpoints.pooled_url is not None
+        return replace(base, database=through_pgbouncer(base.database, endpoints.pooled_url))
     return replace(base)
 
 

@@ -32,6 +32,14 @@ def connect(db: Any, *, vector_types: bool = True,
     return conn
 
 
+def through_pgbouncer(db: Any, pooled_url: str) -> Any:
+    """``db`` (a DatabaseConfig) on the pooler at ``pooled_url``, in transaction pooling mode,
+    with the server itself as database.direct_url."""
+    from dataclasses import replace
+
+    return replace(db, url=pooled_url, proxy="transaction", direct_url=db.url)
+
+
 def env_for(cfg: Any) -> dict[str, str]:
     """Environment variables that give a subprocess ``cfg``'s addresses and names."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VECPIPE_")}

@@ -15,7 +15,7 @@ import pytest
 from pgvector import Vector
 from psycopg import sql
 
-from tests.helpers import connect, run_cli
+from tests.helpers import connect, run_cli, through_pgbouncer
 from vecpipe.config import load_config, with_section
 from vecpipe.db import indexes
 from vecpipe.db.indexes import ensure_index
@@ -115,7 +115,7 @@ def searcher(request: pytest.FixtureRequest, corpus: Corpus, endpoints: Any) -> 
     if request.param == "pgbouncer":
         if endpoints.pooled_url is None:
             pytest.skip("no PgBouncer: install it with scripts/install-pgbouncer.sh")
-        db = replace(db, url=endpoints.pooled_url, proxy="transaction", direct_url=db.url)
+        db = through_pgbouncer(db, endpoints.pooled_url)
     elif request.param == "replica":
         db = replace(db, search_url=request.getfixturevalue("replica_url"))
         wait_replayed(db, timeout_s=120)

@@ -33,6 +33,7 @@ def test_a_version_is_searchable_on_the_replica_once_its_commit_is_replayed(
     """Read-your-writes on a replica: the writer commits on the primary, the version shows on
     the replica (documents.version, and search) once the replica has replayed that commit."""
     cfg = on_replica
+    wait_replayed(cfg.database, timeout_s=60)  # the migration itself, on a fresh replica
     pool = make_pool(cfg.database)
     search_pool = make_pool(search_database(cfg.database))
     try:

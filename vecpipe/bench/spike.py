@@ -37,7 +37,7 @@ from vecpipe.db.indexes import ensure_index
 from vecpipe.db.migrate import migrate
 from vecpipe.db.pool import connect, make_pool, session_database
 from vecpipe.db.search import Searcher
-from vecpipe.db.tuning import CHUNKS_AUTOVACUUM
+from vecpipe.db.tuning import CHUNKS_AUTOVACUUM, RECOMMENDED
 from vecpipe.errors import BenchError
 from vecpipe.kafka.admin import ensure_topics
 
@@ -51,9 +51,7 @@ PROFILES: dict[str, dict[str, str]] = {
     "defaults": {"checkpoint_timeout": "5min", "max_wal_size": "1GB", "wal_compression": "off",
                  "maintenance_work_mem": "64MB", "effective_io_concurrency": "16",
                  "max_parallel_workers_per_gather": "2"},
-    "tuned": {"checkpoint_timeout": "15min", "max_wal_size": "4GB", "wal_compression": "lz4",
-              "maintenance_work_mem": "1GB", "effective_io_concurrency": "200",
-              "max_parallel_workers_per_gather": "2"},
+    "tuned": {r.name: r.recommended for r in RECOMMENDED},
 }
 K = 10
 _SESSION = "The spike benchmark (ALTER SYSTEM, CHECKPOINT)"

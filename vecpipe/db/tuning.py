@@ -25,6 +25,7 @@ class Recommendation:
     """One server setting: the value vecpipe recommends, the bound it flags, and why."""
 
     name: str
+    # A value ALTER SYSTEM takes (the spike benchmark's tuned profile applies it).
     recommended: str
     # A value below ``at_least`` (or above ``at_most``) is "far from the recommendation", in
     # the setting's base unit as pg_settings reports it (seconds, kB, 8 kB pages, or a count).
@@ -39,8 +40,9 @@ RECOMMENDED: tuple[Recommendation, ...] = (
                    "whole, doubling its WAL"),
     Recommendation("max_wal_size", "4GB", 2 * 1024, None,  # pg_settings reports MB
                    "WAL volume, not the clock, then forces checkpoints during an ingest"),
-    Recommendation("wal_compression", "lz4 (pglz where the server lacks lz4)", None, None,
-                   "full-page images of HNSW pages compress well; off writes them raw"),
+    Recommendation("wal_compression", "lz4", None, None,
+                   "full-page images of HNSW pages compress well (pglz where the server lacks "
+                   "lz4); off writes them raw"),
     Recommendation("maintenance_work_mem", "1GB", 256 * 1024, None,  # kB
                    "autovacuum and index builds of an HNSW graph that does not fit run many "
                    "times slower"),

