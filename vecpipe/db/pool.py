@@ -186,8 +186,20 @@ def check_database(db: DatabaseConfig, *, migrated: bool = False) -> None:
             )
 
 
-def _check(conn: psycopg.Connection[Any], seconds: float) -> None:
-    with deadline(conn, seconds):
+def _check(conn: psycopg.Connection[Any], db: DatabaseConfig) -> None:
+    """The pool's check of a connection before it is handed out.
+
+    Directly, a round trip (cut after network_timeout_s). Behind a transaction pooler a round
+    trip waits for one of the pooler's server connections, so while the server restarts the
+    check itself would hold every caller, the optional vector cache's included, for as long as
+    the pooler queues it: there the check is the client connection's own state, and a caller's
+    query finds a dead server (and is retried) within its own deadline.
+    """
+    if db.proxy != "none":
+        if conn.closed or conn.pgconn.status != psycopg.pq.ConnStatus.OK:
+            raise psycopg.OperationalError("the connection to the pooler is closed")
+        return
+    with deadline(conn, db.network_timeout_s):
         ConnectionPool.check_connection(conn)
 
 
@@ -209,7 +221,7 @@ def make_pool(db: DatabaseConfig, *, name: str = "vecpipe") -> ConnectionPool[An
         open=False,
         # A connection that died with the server is found and replaced before it is handed out
         # (and one on a silent network is cut, then replaced, rather than waited on).
-        check=lambda conn: _check(conn, db.network_timeout_s),
+        check=lambda conn: _check(conn, db),
     )
     pool.open(wait=True, timeout=db.connect_timeout_s * 3)
     return pool

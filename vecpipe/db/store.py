@@ -296,11 +296,14 @@ class Store:
         function of migration 0004, which returns hashes and vectors only: the embedder needs no
         read access to chunks, and never sees another tenant's text or documents. The lookup
         waits at most ``timeout_s`` for a connection: while the database is away the embedder
-        must encode instead of waiting for an optional cache.
+        must encode instead of waiting for an optional cache, behind a pooler too.
         """
         if not hashes:
             return {}
-        with self.pool.connection(timeout=timeout_s) as conn, deadline(conn, timeout_s * 5):
+        # The whole lookup, not only the wait for a pooled connection, is bounded: behind a
+        # transaction pooler the connection is always there and the wait for a server (down
+        # for a restart) happens inside the query.
+        with self.pool.connection(timeout=timeout_s) as conn, deadline(conn, timeout_s):
             rows = conn.execute(self._q(
                 "SELECT content_hash, embedding FROM {schema}.cached_vectors(%s, %s, %s, %s)"),
                 ([bytes.fromhex(h) for h in hashes], model, revision, backend),

@@ -186,8 +186,8 @@ def up(
 def _topology(paths: Paths, old: State | None, state: State, taken: set[int],
               progress: Callable[[str], None], *, pgbouncer: bool, pgbouncer_port: int | None,
               replica: bool, replica_port: int | None) -> State:
-    """Start PgBouncer and the replica when asked (or when an earlier ``up`` started them and
-    they stopped with the server); record them."""
+    """Start PgBouncer and the replica when asked; keep (and record) the ones an earlier
+    ``up`` started that still run."""
     bouncer_pid = running_pgbouncer(paths)
     if bouncer_pid is not None and old is not None and old.pgbouncer_port is not None:
         refuse_move("PgBouncer", paths, old.pgbouncer_port, pgbouncer_port, "--pgbouncer-port")
