@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from vecpipe.declare import (
     at_least,
     at_most,
+    coerce,
     matching,
     not_blank,
     one_of,
@@ -62,6 +63,7 @@ __all__ = [
     "OpsConfig",
     "ProduceConfig",
     "RetryConfig",
+    "ServeConfig",
     "TracingConfig",
     "VectorConfig",
     "WriteConfig",
@@ -222,6 +224,10 @@ class DatabaseConfig:
     network_timeout_s: int = setting(30, at_least(1))
     call_timeout_s: float = setting(90.0, at_least(1))
     app_role: str = setting("vecpipe_app", _IDENTIFIER)
+    # The text-search configuration of the full-text column and of keyword queries.
+    text_search_config: str = setting("english", matching(
+        r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$", "is not a text-search configuration name "
+        "(such as english, simple or pg_catalog.german)"))
     maintenance_work_mem: str = setting("1GB")
     max_parallel_maintenance_workers: int = setting(2, at_least(0))
 
@@ -344,6 +350,37 @@ class OpsConfig:
     actor: str = setting("", env="VECPIPE_ACTOR")
 
 
+@dataclass(frozen=True)
+class ServeConfig:
+    """``vecpipe serve``: the HTTP API's address, its own database role and its limits."""
+
+    host: str = setting("127.0.0.1", env="VECPIPE_SERVE_HOST")
+    port: int = setting(8080, _port, env="VECPIPE_SERVE_PORT")
+    # The service's LOGIN role: `vecpipe migrate` creates it (owning nothing, reading only
+    # through row-level security) and sets its password from role_password when given.
+    role: str = setting("vecpipe_serve", _IDENTIFIER)
+    role_password: str = setting("", env="VECPIPE_SERVE_ROLE_PASSWORD")
+    # The URL the service connects with, as that role; empty: database.search_url (else
+    # database.url) with the role as its user.
+    database_url: str = setting("", optional(_postgres_url), env="VECPIPE_SERVE_DATABASE_URL")
+    # Requests in flight at once; more wait up to queue_timeout_s, then get 503.
+    max_concurrency: int = setting(64, at_least(1))
+    queue_timeout_s: float = setting(2.0, at_least(0))
+    request_timeout_s: float = setting(10.0, at_least(0.1))
+    max_body_bytes: int = setting(4 * 1024 * 1024, at_least(1024))
+    max_k: int = setting(100, at_least(1), at_most(1000))
+    max_documents: int = setting(500, at_least(1))
+    # Requests per second per key, on each replica (a token bucket of rate_burst); 0: no limit.
+    rate_per_s: float = setting(50.0, at_least(0))
+    rate_burst: int = setting(100, at_least(1))
+    # How long a resolved key is trusted: a revoked key stops working within this time.
+    key_cache_s: float = setting(5.0, at_least(0), at_most(60))
+    # Query texts arriving together are encoded in one call: up to batch_max texts, waiting at
+    # most batch_wait_ms for company once one is queued.
+    batch_max: int = setting(32, at_least(1))
+    batch_wait_ms: float = setting(2.0, at_least(0), at_most(100))
+
+
 def _otlp_url(value: Any, section: Any) -> str | None:
     url = str(value)
     if not url or url.startswith(("http://", "https://")):
@@ -385,6 +422,7 @@ class Config:
     dead_letter: DeadLetterConfig = field(default_factory=DeadLetterConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -399,6 +437,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "dead_letter": DeadLetterConfig,
     "ops": OpsConfig,
     "tracing": TracingConfig,
+    "serve": ServeConfig,
 }
 
 
@@ -428,32 +467,6 @@ def env_var_names() -> set[str]:
 T = TypeVar("T")
 
 
-def _coerce(setting_name: str, raw: Any, kind: type[Any]) -> Any:
-    """Turn a raw value (string from the environment, or TOML value) into ``kind``."""
-    try:
-        if kind is bool:
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if kind is int:
-            if isinstance(raw, bool):
-                raise ValueError(raw)
-            return int(str(raw).strip().replace("_", ""))
-        if kind is float:
-            return float(str(raw).strip())
-        return str(raw)
-    except ValueError:
-        raise ConfigError(
-            f"{setting_name} must be {'a whole number' if kind is int else kind.__name__}, "
-            f"got {raw!r}."
-        ) from None
-
-
 _KINDS: dict[str, type[Any]] = {"int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -472,7 +485,7 @@ def _build_section(section: str, cls: type[T], values: Mapping[str, Any]) -> T:
             kwargs[key] = {str(k): str(v) for k, v in raw.items()}
             continue
         kind = _KINDS.get(str(known[key].type), str)
-        kwargs[key] = _coerce(f"{section}.{key} ({_env_name(section, key)})", raw, kind)
+        kwargs[key] = coerce(f"{section}.{key} ({_env_name(section, key)})", raw, kind)
     return cls(**kwargs)
 
 

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import MISSING, field
 from typing import Any
 
-__all__ = ["Check", "at_least", "at_most", "matching", "not_blank", "one_of", "optional",
+from vecpipe.errors import ConfigError
+
+__all__ = ["Check", "at_least", "at_most", "coerce", "matching", "not_blank", "one_of", "optional",
            "setting"]
 
 
@@ -75,3 +77,29 @@ def optional(check: Check) -> Check:
     def optional(value: Any, section: Any) -> str | None:
         return check(value, section) if str(value) else None
     return optional
+
+
+def coerce(setting_name: str, raw: Any, kind: type[Any]) -> Any:
+    """Turn a raw value (string from the environment, or TOML value) into ``kind``."""
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return int(str(raw).strip().replace("_", ""))
+        if kind is float:
+            return float(str(raw).strip())
+        return str(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{setting_name} must be {'a whole number' if kind is int else kind.__name__}, "
+            f"got {raw!r}."
+        ) from None

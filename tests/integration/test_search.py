@@ -265,7 +265,8 @@ def test_metric_and_column_type_end_to_end(cfg: Any, column_type: str, metric: s
             for strategy in found:
                 hits = searcher.search(probe, 5, tenant=f"t{i % 2}", strategy=strategy)
                 found[strategy] += hits[0].doc_id == f"d{i}"
-                assert [h.distance for h in hits] == sorted(h.distance for h in hits)
+                distances = [h.distance or 0.0 for h in hits]
+                assert distances == sorted(distances)
                 assert {h.tenant_id for h in hits} == {f"t{i % 2}"}
         assert found["auto"] == 40  # exact: a tenant of 300 rows
         assert found["shared_index"] >= 36  # approximate: the HNSW index

@@ -42,6 +42,7 @@ __all__ = [
     "ensure_index",
     "index_definition",
     "index_name",
+    "index_session",
     "index_state",
     "rebuild",
     "schema_index_validity",
@@ -209,7 +210,7 @@ def _index_database(cfg: Config) -> DatabaseConfig:
 
 
 @contextmanager
-def _session(cfg: Config) -> Iterator[psycopg.Connection[Any]]:
+def index_session(cfg: Config) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit session for index work: settings, no timeout, the schema's index lock.
 
     A session of its own: behind a transaction pooler, the direct URL (database.direct_url).
@@ -319,7 +320,7 @@ def create(cfg: Config, *, tenant: str | None = None, progress: Progress | None 
     """CREATE INDEX CONCURRENTLY for the configured method (a tenant's partial index with
     ``tenant``); refuses when the index exists, valid or not."""
     name = target_name(cfg, tenant)
-    with _session(cfg) as conn:
+    with index_session(cfg) as conn:
         state = index_state(conn, cfg.database.schema, name)
         if state == "valid":
             raise IndexOperationError(
@@ -342,7 +343,7 @@ def build(cfg: Config, *, tenant: str | None = None, progress: Progress | None =
     Nothing to do when it is there and valid; an INVALID leftover is dropped and built again.
     """
     name = target_name(cfg, tenant)
-    with _session(cfg) as conn:
+    with index_session(cfg) as conn:
         state = index_state(conn, cfg.database.schema, name)
         if state == "valid":
             return BuildResult(name, "exists")
@@ -361,7 +362,7 @@ def rebuild(cfg: Config, *, tenant: str | None = None, name: str | None = None,
     """
     name = target_name(cfg, tenant, name)
     schema = cfg.database.schema
-    with _session(cfg) as conn:
+    with index_session(cfg) as conn:
         leftovers = [r[0] for r in conn.execute(
             "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
             " WHERE i.indrelid = to_regclass(%s) AND NOT i.indisvalid"
@@ -387,7 +388,7 @@ def rebuild(cfg: Config, *, tenant: str | None = None, name: str | None = None,
 def drop(cfg: Config, *, tenant: str | None = None, name: str | None = None) -> bool:
     """DROP INDEX CONCURRENTLY; False when there was no such index."""
     name = target_name(cfg, tenant, name)
-    with _session(cfg) as conn:
+    with index_session(cfg) as conn:
         if index_state(conn, cfg.database.schema, name) is None:
             return False
         _drop(conn, cfg.database.schema, name)

@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from vecpipe.config import Config
+from vecpipe.db.fulltext import ensure_text_index, fill_text
 from vecpipe.db.indexes import create_locked
 from vecpipe.db.pool import connect
 from vecpipe.db.schema import lock_key
@@ -58,7 +59,8 @@ def load_migrations() -> list[Migration]:
 
 def variables(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
     """The psql variables the migrations use: identifiers and validated values."""
-    idents = {"schema": cfg.database.schema, "app_role": cfg.database.app_role}
+    idents = {"schema": cfg.database.schema, "app_role": cfg.database.app_role,
+              "serve_role": cfg.serve.role}
     values = {"vector_type": cfg.vector.column_type, "dimension": str(cfg.vector.dimension)}
     return idents, values
 
@@ -133,9 +135,18 @@ def migrate(cfg: Config, *, with_index: bool = True, log: Any = None) -> list[st
             if log is not None:
                 log.info("migration_applied", migration=applied_now[-1])
         _check_column(conn, cfg)
+        if cfg.serve.role_password:
+            # The serve role's password, from its own Secret; never logged (no statement is).
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(cfg.serve.role), sql.Literal(cfg.serve.role_password)))
         if with_index and cfg.vector.index != "none":
             create_locked(conn, cfg)
         conn.commit()
+    # The full-text column of 0009: the rows written before it, then its index.
+    filled = fill_text(cfg)
+    if filled and log is not None:
+        log.info("full_text_filled", rows=filled)
+    ensure_text_index(cfg)
     return applied_now
 
 

@@ -75,24 +75,25 @@ WHERE d.version < EXCLUDED.version
 
 # 2. Merge the chunks of each document's newest version. A row is rewritten only when its
 #    content or its model changed (the columns ``schema.CHANGES`` lists): re-ingesting
-#    unchanged content updates nothing.
+#    unchanged content updates nothing. The full-text column follows the content.
 _MERGE = """
-INSERT INTO {schema}.chunks AS c ({merged})
-SELECT {staged}
+INSERT INTO {schema}.chunks AS c ({merged}, content_tsv)
+SELECT {staged}, to_tsvector({config}::regconfig, s.content)
 FROM {staging} s
 JOIN {schema}.documents d ON d.tenant_id = s.tenant_id AND d.doc_id = s.doc_id
 WHERE NOT s.gap AND s.doc_version = d.version AND NOT d.deleted AND s.chunk_index < d.chunk_count
   AND (d.deleted_before IS NULL OR s.published_at > d.deleted_before)
 ORDER BY s.tenant_id, s.doc_id, s.chunk_index
 ON CONFLICT (tenant_id, doc_id, chunk_index) DO UPDATE
-SET {updates}, written_at = now()
+SET {updates}, content_tsv = EXCLUDED.content_tsv, written_at = now()
 WHERE c.doc_version <= EXCLUDED.doc_version
   AND ({stored_changes}) IS DISTINCT FROM ({new_changes})
 RETURNING (xmax = 0) AS inserted
 """
 
 
-def _merge_statement(schema: sql.Identifier, staging: sql.Composed) -> sql.Composed:
+def _merge_statement(schema: sql.Identifier, staging: sql.Composed,
+                     text_config: str) -> sql.Composed:
     def names(prefix: str, columns: Sequence[str]) -> sql.Composed:
         return sql.SQL(", ").join(sql.SQL(prefix) + sql.Identifier(c) for c in columns)
 
@@ -100,7 +101,7 @@ def _merge_statement(schema: sql.Identifier, staging: sql.Composed) -> sql.Compo
                                  for c in MERGED if c not in KEY)
     return sql.SQL(_MERGE).format(
         schema=schema, staging=staging, merged=names("", MERGED), staged=names("s.", MERGED),
-        updates=updates,
+        updates=updates, config=sql.Literal(text_config),
         stored_changes=names("c.", CHANGES), new_changes=names("EXCLUDED.", CHANGES))
 
 
@@ -217,7 +218,8 @@ class Store:
         self._wrap: type[Vector] | type[HalfVector] = (
             HalfVector if self._vtype == "halfvec" else Vector)
         self._staging = staging_name(cfg.vector)
-        self._merge_sql = _merge_statement(self.schema, self._staging)
+        self._merge_sql = _merge_statement(self.schema, self._staging,
+                                           cfg.database.text_search_config)
         self._eraser = Eraser(cfg.database.schema)
         self._copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
             self._staging, sql.SQL(", ").join(map(sql.Identifier, STAGING)))
