@@ -14,7 +14,8 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint typecheck unit integration faults soak bench clean-venv services-down \
+.PHONY: install demo test lint typecheck unit integration faults browser soak bench clean-venv \
+	services-down \
 	venv-path
 
 $(STAMP): pyproject.toml
@@ -49,8 +50,13 @@ integration: install
 test: install
 	$(BIN)/ruff check vecpipe producers workers tests
 	$(BIN)/mypy
-	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not faults"
+	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -m "not faults and not browser"
 	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -m faults tests/integration/test_faults.py
+	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -m browser tests/integration/test_page.py
+
+# The search page in a real headless Chromium (scripts/install-chromium.sh), a session of its own.
+browser: install
+	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -m browser tests/integration/test_page.py
 
 faults: install
 	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -q -m faults tests/integration/test_faults.py

@@ -14,33 +14,38 @@ from vecpipe.db.search import Searcher, SearchPolicy, Strategy
 from vecpipe.errors import PlanError
 
 
-def test_vector_384_row_is_1848_bytes_with_its_text_in_toast() -> None:
-    """vector(384) and 800 bytes of text: the text goes to TOAST, 4 rows fit a page."""
+def test_vector_384_row_is_1866_bytes_with_its_text_and_full_text_in_toast() -> None:
+    """vector(384), 800 bytes of text and its full-text column: both go to TOAST (a pointer
+    of 18 bytes each), 4 rows fit a page."""
     e = estimate(Workload(rows=20_000, dimension=384))
-    assert e.heap_tuple_bytes == 1848
+    assert e.heap_tuple_bytes == 1866
     assert e.content_storage == "in TOAST"
     assert e.rows_per_page == 4
     assert e.heap_bytes == 5000 * BLCKSZ
-    # 800 bytes + 36 of chunk tuple, 9 chunks a page
-    assert e.toast_bytes == 2223 * BLCKSZ
+    assert e.toast_bytes > 2223 * BLCKSZ  # the text alone took 2,223 pages, 9 chunks a page
+    assert any("full-text column" in n for n in e.notes)
 
 
 def test_halfvec_384_keeps_its_text_inline() -> None:
-    """halfvec(384) leaves room for 800 bytes of text in the row: nothing is toasted."""
-    e = estimate(Workload(rows=20_000, dimension=384, column_type="halfvec"))
+    """halfvec(384) leaves room for 800 bytes of text in the row; with no full-text column
+    nothing is toasted, with one the larger of the two moves out."""
+    e = estimate(Workload(rows=20_000, dimension=384, column_type="halfvec", tsv_ratio=0.01))
     assert e.content_storage == "inline"
     assert e.heap_tuple_bytes < 2032
     assert e.toast_bytes == 0
+    words = estimate(Workload(rows=20_000, dimension=384, column_type="halfvec", tsv_ratio=1.1))
+    assert words.content_storage == "inline" and words.toast_bytes > 0
 
 
 def test_compressible_text_stays_inline_compressed() -> None:
     """Text that pglz shrinks to a fifth keeps a vector(384) row under the TOAST threshold."""
-    e = estimate(Workload(rows=1000, dimension=384, text_compression=0.2))
+    e = estimate(Workload(rows=1000, dimension=384, text_compression=0.2, tsv_ratio=0.01))
     assert e.content_storage == "compressed inline"
-    assert e.heap_tuple_bytes == 2000
+    assert e.heap_tuple_bytes == 2005  # 2,000, and a near-empty full-text column
     assert e.toast_bytes == 0
     # Compressed to 30% the row is still over 2,032 bytes: the compressed text moves out.
-    assert estimate(Workload(rows=1000, dimension=384, text_compression=0.3)).toast_bytes > 0
+    assert estimate(Workload(rows=1000, dimension=384, text_compression=0.3,
+                             tsv_ratio=0.01)).toast_bytes > 0
 
 
 def test_large_plain_vectors_push_small_columns_out_of_line() -> None:
@@ -77,7 +82,8 @@ def test_estimate_sums_are_what_postgres_functions_report() -> None:
                           lists=300))
     assert e.total_bytes == e.table_bytes + e.indexes_bytes
     assert e.indexes_bytes == (e.primary_key_bytes + e.content_hash_index_bytes
-                               + e.metadata_index_bytes + e.vector_index_bytes)
+                               + e.metadata_index_bytes + e.text_index_bytes
+                               + e.vector_index_bytes)
     assert "total (pg_total_relation_size)" in "\n".join(e.report())
 
 

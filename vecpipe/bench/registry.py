@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from vecpipe.bench import e2e, embed, search, spike, write
+from vecpipe.bench import e2e, embed, search, serve, spike, write
 from vecpipe.bench.env import (
     Progress,
     bench_services,
@@ -46,6 +46,11 @@ def _spike(cfg: Config, progress: Progress, args: argparse.Namespace) -> dict[st
                      idle_s=args.idle_s, pause_ratio=args.pause_ratio)
 
 
+def _serve(cfg: Config, progress: Progress, args: argparse.Namespace) -> dict[str, Any]:
+    return serve.run(cfg, progress, rows=args.rows, queries=args.queries, seconds=args.seconds,
+                     max_clients=args.max_clients, cli_queries=args.cli_queries)
+
+
 Runner = Callable[[Config, Progress, argparse.Namespace], dict[str, Any]]
 
 # name -> (runner, uses the model)
@@ -56,6 +61,7 @@ BENCHMARKS: dict[str, tuple[Runner, bool]] = {
     "search": (_search, True),
     "reingest": (_reingest, True),
     "spike": (_spike, False),
+    "serve": (_serve, False),
 }
 
 

@@ -55,7 +55,9 @@ __all__ = [
     "LOOKUP_P95_TARGET",
     "QUERY_TEXTS",
     "RECALL_TARGET",
+    "load_synthetic",
     "run",
+    "small_tenant_mask",
 ]
 
 LOOKUP_P95_TARGET = Target("<", 10.0)
@@ -92,7 +94,7 @@ QUERY_TEXTS = (
 _SESSION = "The search benchmark (its raw lookups set hnsw.ef_search per session)"
 
 
-def _tenants(rows: int, seed: int) -> npt.NDArray[np.bool_]:
+def small_tenant_mask(rows: int, seed: int) -> npt.NDArray[np.bool_]:
     """True for the rows of the small tenant: 1% of them, chosen at random."""
     rng = np.random.default_rng(seed)
     small = np.zeros(rows, dtype=bool)
@@ -110,8 +112,8 @@ def _copy_rows(data: npt.NDArray[np.float32], small: npt.NDArray[np.bool_],
                wrap(vec), "bench-synthetic", "1", "synthetic", now)
 
 
-def _load(conn: Any, cfg: Config, data: npt.NDArray[np.float32], small: npt.NDArray[np.bool_],
-          progress: Progress) -> float:
+def load_synthetic(conn: Any, cfg: Config, data: npt.NDArray[np.float32],
+                   small: npt.NDArray[np.bool_], progress: Progress) -> float:
     cols = ("tenant_id", "doc_id", "chunk_index", "doc_version", "chunk_count", "content_hash",
             "content", "embedding", "model_name", "model_revision", "model_backend",
             "embedded_at")
@@ -149,7 +151,7 @@ def run(cfg: Config, progress: Progress, *, rows: int, queries: int, ef_search: 
     data, _ = clustered_unit_vectors(rows, dim, clusters, SPREAD, seed=11)
     qvecs, _ = clustered_unit_vectors(queries, dim, clusters, SPREAD, seed=12,
                                       centers=cluster_centers(clusters, dim, 11))
-    small = _tenants(rows, seed=13)
+    small = small_tenant_mask(rows, seed=13)
     small_rows = np.flatnonzero(small)
     progress("exact top 10 by brute force (ground truth)")
     truth = exact_top_k(data, qvecs, K, metric)
@@ -166,7 +168,7 @@ def run(cfg: Config, progress: Progress, *, rows: int, queries: int, ef_search: 
         schema = sql.Identifier(ns.database.schema)
         with connect(session_database(ns.database, _SESSION)) as conn:
             progress(f"COPY {rows} rows")
-            load_s = _load(conn, ns, data, small, progress)
+            load_s = load_synthetic(conn, ns, data, small, progress)
             progress(f"building the HNSW index (m={cfg.vector.hnsw_m}, "
                      f"ef_construction={cfg.vector.hnsw_ef_construction})")
             started = time.perf_counter()

@@ -119,6 +119,20 @@ def register(sub: Any) -> None:
     q.add_argument("--pause-ratio", type=positive_float, default=0.1,
                    help="write.pause_ratio of the tuned profile's writer (default 0.1)")
 
+    q = kinds.add_parser(
+        "serve", help="vecpipe serve over HTTP: 1 client and rising concurrency, vs the CLI")
+    common(q, model=True)
+    q.add_argument("--rows", type=positive_int, default=100_000,
+                   help="synthetic rows (default 100000)")
+    q.add_argument("--queries", type=positive_int, default=300,
+                   help="text queries of the one-client run (default 300)")
+    q.add_argument("--seconds", type=positive_float, default=15.0,
+                   help="seconds at each concurrency level (default 15)")
+    q.add_argument("--max-clients", type=positive_int, default=32,
+                   help="the highest concurrency, doubling from 2 (default 32)")
+    q.add_argument("--cli-queries", type=positive_int, default=5,
+                   help="queries through vecpipe search, a process each (default 5)")
+
     q = kinds.add_parser("reingest", help="re-publishing an unchanged corpus vs the first ingest")
     common(q, model=True)
     q.add_argument("--chunks", type=positive_int, default=500,

@@ -24,6 +24,7 @@ from vecpipe.cli import (
     plan,
     produce,
     search,
+    serve,
     services,
     status,
     work,
@@ -38,7 +39,8 @@ EXIT_INTERRUPTED = 130
 Handler = Callable[[argparse.Namespace], int]
 
 # In the order ``vecpipe --help`` lists them.
-_COMMANDS = (services, migrate, produce, work, search, status, dlq, index, plan, audit, bench)
+_COMMANDS = (services, migrate, produce, work, search, serve, status, dlq, index, plan, audit,
+             bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

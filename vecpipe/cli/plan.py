@@ -24,7 +24,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         text_bytes=args.text_bytes, text_compression=args.text_compression,
         tenant_bytes=args.tenant_bytes, doc_id_bytes=args.doc_id_bytes,
         metadata_bytes=args.metadata_bytes, metadata_values=args.metadata_values,
-        btree_fill=args.btree_fill,
+        tsv_ratio=args.tsv_ratio, text_lexemes=args.text_lexemes, btree_fill=args.btree_fill,
     )
     est = estimate(work)
     if args.json:
@@ -55,6 +55,10 @@ def register(sub: Any) -> None:
                    help="pg_column_size of the metadata jsonb")
     p.add_argument("--metadata-values", type=int, default=2,
                    help="scalar values in the metadata (GIN entries a row)")
+    p.add_argument("--tsv-ratio", type=float, default=0.88,
+                   help="stored full-text column bytes per byte of text (0.88: English prose)")
+    p.add_argument("--text-lexemes", type=int, default=0,
+                   help="distinct lexemes a chunk, GIN entries (default: text bytes / 12)")
     p.add_argument("--btree-fill", type=float, default=0.7,
                    help="B-tree leaf fill: 0.7 for random inserts, 0.9 after REINDEX")
     p.add_argument("--json", action="store_true")

@@ -87,6 +87,10 @@ class Workload:
     model_name_bytes: int = 16
     model_revision_bytes: int = 40
     model_backend_bytes: int = 10
+    # The full-text column (0009): its stored size per byte of text (English prose measured
+    # 0.88 on 800-byte chunks), and distinct lexemes a chunk (0: about one per 12 bytes).
+    tsv_ratio: float = 0.88
+    text_lexemes: int = 0
     btree_fill: float = 0.7
 
     def check(self) -> None:
@@ -105,6 +109,9 @@ class Workload:
         if not 0 < self.text_compression <= 1:
             raise PlanError("--text-compression must be in (0, 1], got "
                             f"{self.text_compression}.")
+        if not 0 <= self.tsv_ratio <= 4 or self.text_lexemes < 0:
+            raise PlanError(f"--tsv-ratio must be in [0, 4] and --text-lexemes 0 or more, got "
+                            f"{self.tsv_ratio} and {self.text_lexemes}.")
         if not 0.3 <= self.btree_fill <= 1:
             raise PlanError(f"--btree-fill must be in [0.3, 1], got {self.btree_fill}.")
 
@@ -129,6 +136,7 @@ class Estimate:
     primary_key_bytes: int
     content_hash_index_bytes: int
     metadata_index_bytes: int
+    text_index_bytes: int
     vector_index_bytes: int
     hnsw_build_memory_bytes: int
     notes: list[str] = field(default_factory=list)
@@ -137,7 +145,8 @@ class Estimate:
     def indexes_bytes(self) -> int:
         """What pg_indexes_size(chunks) reports: every index of the table, not TOAST's."""
         return (self.primary_key_bytes + self.content_hash_index_bytes
-                + self.metadata_index_bytes + self.vector_index_bytes)
+                + self.metadata_index_bytes + self.text_index_bytes
+                + self.vector_index_bytes)
 
     @property
     def table_bytes(self) -> int:
@@ -156,12 +165,13 @@ class Estimate:
             ("heap", self.heap_bytes,
              f"{self.heap_tuple_bytes} bytes a row, {self.rows_per_page} rows a page; "
              f"content {self.content_storage}"),
-            ("TOAST (text moved out of line)", self.toast_bytes + self.toast_index_bytes,
+            ("TOAST (text, full text moved out of line)", self.toast_bytes + self.toast_index_bytes,
              "with its index"),
             ("free-space and visibility maps", self.maps_bytes, "after VACUUM"),
             ("primary key (btree)", self.primary_key_bytes, f"leaves {w.btree_fill:.0%} full"),
             ("content_hash index (btree)", self.content_hash_index_bytes, ""),
             ("metadata index (GIN, jsonb_path_ops)", self.metadata_index_bytes, "approximate"),
+            ("full-text index (GIN, content_tsv)", self.text_index_bytes, "approximate"),
             (f"vector index ({w.index})", self.vector_index_bytes,
              {"hnsw": f"m={w.m}", "ivfflat": f"lists={w.lists}", "none": "none"}[w.index]),
         ]
@@ -207,6 +217,7 @@ def _columns(w: Workload) -> list[_Column]:
         ("model_revision", w.model_revision_bytes, 0, True),
         ("model_backend", w.model_backend_bytes, 0, True),
         ("embedded_at", 8, 8, False), ("written_at", 8, 8, False),
+        ("content_tsv", max(round(w.tsv_ratio * w.text_bytes) - 4, 1), 0, True),
     ]
 
 
@@ -336,14 +347,15 @@ def _btree_bytes(entries: int, entry: int, fill: float) -> int:
     return pages * BLCKSZ
 
 
-def _gin_bytes(w: Workload) -> int:
+def _gin_bytes(w: Workload, per_row: int | None = None) -> int:
     """GIN (jsonb_path_ops): one 4-byte hash per metadata value, TIDs in compressed posting lists.
 
     Rows inserted one by one go through the pending list first (20 bytes an entry, up to
     gin_pending_list_limit); VACUUM merges it and later inserts reuse about half of its pages,
-    the rest stay in the file.
+    the rest stay in the file. ``per_row``: entries a row (default: its metadata values; the
+    full-text index has one per distinct lexeme).
     """
-    entries = w.rows * w.metadata_values
+    entries = w.rows * (w.metadata_values if per_row is None else per_row)
     postings = entries * 2  # varbyte-encoded TID deltas of dense lists: about 2 bytes each
     pending = min(GIN_PENDING_LIMIT, entries * 10)
     return 2 * BLCKSZ + _align(int(postings / 0.9) + pending, BLCKSZ)
@@ -425,10 +437,15 @@ def estimate(w: Workload) -> Estimate:
     # An empty TOAST table has an index of one (meta)page; a used one, a B-tree of 16-byte keys
     # filled left to right (90%).
     toast_index = _btree_bytes(toast_chunks, 16, 0.9) if toast_chunks else BLCKSZ
-    others = sorted(n for n, s in state.items() if s == "external" and n != "content")
+    # The full-text column is big by nature: it going out of line says nothing about the vector.
+    others = sorted(n for n, s in state.items()
+                    if s == "external" and n not in ("content", "content_tsv"))
     if "content" in state and state["content"] == "external":
         notes.append("the text is moved to the TOAST table: a search reads it only for the "
                      "rows it returns")
+    if state.get("content_tsv") == "external":
+        notes.append("the full-text column is moved to the TOAST table: a keyword search reads "
+                     "it through its GIN index, a rank reads it for the rows matched")
     if others:
         notes.append(f"the inline vector leaves so little room that {', '.join(others)} also "
                      "move to TOAST; consider halfvec")
@@ -454,6 +471,7 @@ def estimate(w: Workload) -> Estimate:
         primary_key_bytes=_btree_bytes(w.rows, pk_entry, w.btree_fill),
         content_hash_index_bytes=_btree_bytes(w.rows, hash_entry, w.btree_fill),
         metadata_index_bytes=_gin_bytes(w),
+        text_index_bytes=_gin_bytes(w, w.text_lexemes or max(1, w.text_bytes // 12)),
         vector_index_bytes=vindex,
         hnsw_build_memory_bytes=_hnsw_build_memory(w.rows, w.vector_bytes, w.m),
         notes=notes,

@@ -74,7 +74,8 @@ KEY = ("tenant_id", "doc_id", "chunk_index")
 STAGING = tuple(c.name for c in COLUMNS)
 MERGED = tuple(c.name for c in COLUMNS if c.merged)
 CHANGES = tuple(c.name for c in COLUMNS if c.changes)
-TABLE_COLUMNS = (*MERGED, "written_at")
+# The table adds written_at (its default) and content_tsv (0009; the merge computes it).
+TABLE_COLUMNS = (*MERGED, "written_at", "content_tsv")
 
 # metric -> (operator, operator-class suffix)
 DISTANCE_OPERATORS = {"cosine": ("<=>", "cosine_ops"), "l2": ("<->", "l2_ops"),
