@@ -118,7 +118,9 @@ GRANT SELECT ON :"schema".documents TO :"app_role";
 -- security; it holds the application role's rights (SELECT through the policies, EXECUTE on the
 -- functions above) and nothing else. Its password is set by `vecpipe migrate` from
 -- VECPIPE_SERVE_ROLE_PASSWORD, or by a DBA; a DBA may also create it beforehand.
+-- Both names again: on an upgrade, 0004 (which set vecpipe.app_role) ran in an earlier session.
 SELECT set_config('vecpipe.serve_role', :'serve_role', false);
+SELECT set_config('vecpipe.app_role', :'app_role', false);
 
 DO $$
 DECLARE

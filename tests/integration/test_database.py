@@ -441,3 +441,13 @@ def test_audit_lists_the_deletion_trail_per_tenant_and_time(three_tenants: Any) 
         ("a", "all-MiniLM-L6-v2", 39), ("c", "all-MiniLM-L6-v2", 40)}
     bad = run_cli(cfg, "audit", "--since", "last tuesday", check=False)
     assert bad.returncode == 2 and "ISO 8601 date" in bad.stderr
+
+
+def test_migration_0009_applies_on_an_upgrade_in_a_session_of_its_own(cfg: Any) -> None:
+    """An existing install upgrading to 0009 runs it without 0004 in the same session (the
+    settings 0004 left behind are gone): it must name its roles itself."""
+    migrate(cfg)
+    with connect(cfg.database, autocommit=True) as conn:
+        conn.execute(sql.SQL("DELETE FROM {}.schema_migrations WHERE version = 9").format(
+            sql.Identifier(cfg.database.schema)))
+    assert "0009_serve" in migrate(cfg)

@@ -147,6 +147,18 @@ def create_app(service: Service) -> FastAPI:
     async def bad_document(_: Request, exc: InvalidMessage) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, 400)
 
+    @app.exception_handler(psycopg.errors.QueryCanceled)
+    async def too_slow(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": "the database took longer than the request may "
+                             f"({cfg.serve.request_timeout_s:g} s, serve.request_timeout_s)."},
+                            504)
+
+    @app.exception_handler(psycopg.DataError)
+    async def bad_value(_: Request, exc: Exception) -> JSONResponse:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "a value is invalid"
+        return JSONResponse({"error": f"the database refused a value of the request: {first}."},
+                            400)
+
     @app.exception_handler(psycopg.OperationalError)
     @app.exception_handler(psycopg_pool.PoolTimeout)
     async def database_away(_: Request, exc: Exception) -> JSONResponse:
